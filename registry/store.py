@@ -714,7 +714,7 @@ class Registry:
         index = AdapterIndex(self.home / "index", EMBEDDING_DIM, self.encoder_id)
         live_ids, _ = self._live_embeddings()
         if not index.load():
-            problem = "FAISS index missing or unreadable"
+            problem = "FAISS index missing or unreadable" if len(live_ids) else None
         else:
             present, live = index.ids(), set(int(i) for i in live_ids)
             problem = None

@@ -119,3 +119,41 @@ def tiny_adapter_factory(tiny_base_dir, tmp_path):
 def postgres_url() -> str | None:
     """The test PostgreSQL URL exported by the test command, if any."""
     return os.environ.get("REGISTRY_TEST_POSTGRES_URL")
+
+
+def _reset_postgres(url: str) -> None:
+    """Empty the test database so each test starts from nothing."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, registry_home, monkeypatch) -> str:
+    """Run a storage test on SQLite and on PostgreSQL (the test command starts the server)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{registry_home / 'registry.db'}"
+        registry_home.mkdir(parents=True, exist_ok=True)
+    else:
+        url = postgres_url()
+        if not url:
+            if os.environ.get("CI"):
+                pytest.fail("REGISTRY_TEST_POSTGRES_URL is not set: run the tests with scripts/test.sh")
+            pytest.skip("PostgreSQL not configured (scripts/test.sh sets REGISTRY_TEST_POSTGRES_URL)")
+        _reset_postgres(url)
+    monkeypatch.setenv("REGISTRY_DATABASE_URL", url)
+    return url
+
+
+@pytest.fixture
+def reg(database_url):
+    """An empty registry on the parametrised database."""
+    from registry.store import Registry
+
+    registry = Registry.open()
+    yield registry
+    registry.close()

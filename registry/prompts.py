@@ -1,0 +1,40 @@
+"""Reading prompt files: one prompt per line, or JSONL whose objects carry a ``prompt`` field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from registry.errors import RegistryError
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """The prompts in ``path``; raises ``RegistryError`` for a missing, non-UTF-8 or empty file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RegistryError(f"prompts file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise RegistryError(f"prompts file {path} is not valid UTF-8") from None
+    except OSError as err:
+        raise RegistryError(f"cannot read prompts file {path}: {err.strerror}") from None
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise RegistryError(f"{path}:{number}: invalid JSON line") from None
+            prompt = record.get("prompt") if isinstance(record, dict) else None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise RegistryError(f"{path}:{number}: JSON line without a non-empty 'prompt' string")
+            prompts.append(prompt.strip())
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise RegistryError(f"prompts file {path} holds no prompts")
+    return prompts

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against SQLite and a local PostgreSQL 15 that this script starts.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+start_postgres() {
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null 2>&1 || return 1
+  fi
+  local version
+  version=$(pg_lsclusters --no-header 2>/dev/null | awk 'NR==1{print $1}')
+  if [ -z "$version" ]; then
+    version=$(ls /usr/lib/postgresql | sort -n | tail -1)
+    pg_createcluster "$version" main >/dev/null || return 1
+  fi
+  pg_ctlcluster "$version" main start 2>/dev/null || pg_lsclusters | grep -q online || return 1
+  local port
+  port=$(pg_lsclusters --no-header | awk 'NR==1{print $3}')
+  su postgres -c "psql -p $port -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='registry'\"" | grep -q 1 \
+    || su postgres -c "psql -p $port -qc \"CREATE ROLE registry LOGIN PASSWORD 'registry' SUPERUSER\"" >/dev/null
+  su postgres -c "psql -p $port -qtAc \"SELECT 1 FROM pg_database WHERE datname='registry_test'\"" | grep -q 1 \
+    || su postgres -c "createdb -p $port -O registry registry_test"
+  export REGISTRY_TEST_POSTGRES_URL="postgresql+psycopg://registry:registry@127.0.0.1:$port/registry_test"
+}
+
+if start_postgres; then
+  echo "PostgreSQL ready: $REGISTRY_TEST_POSTGRES_URL"
+else
+  echo "error: could not start PostgreSQL; the storage tests need it" >&2
+  exit 1
+fi
+
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+python -m pytest "$@"
+status=$?
+if [ "$status" -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$status"
