@@ -157,3 +157,24 @@ def reg(database_url):
     registry = Registry.open()
     yield registry
     registry.close()
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run the ``registry`` command in-process: returns (exit code, stdout, stderr)."""
+    import sys
+
+    def run(*args):
+        from cli.main import main
+
+        monkeypatch.setattr(sys, "argv", ["registry", *map(str, args)])
+        capsys.readouterr()  # drop what the test printed before the command ran
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
