@@ -569,38 +569,41 @@ class Registry:
             if not texts or any(not t.strip() for t in texts):
                 raise RegistryError("the search query is empty")
             vector = mean_embedding(embed_texts(texts, self.encoder))
-        exclude_tasks = set(exclude_tasks)
-        allowed = None
-        if base_model or kind or exclude_tasks or layout or tasks is not None:
-            allowed = self._filtered_ids(base_model, kind, exclude_tasks, layout, tasks)
         index = self._get_index()
-        scores, ids = index.search(vector.reshape(1, -1), k, allowed)
-        hits_by_id = {int(i): float(s) for s, i in zip(scores[0], ids[0]) if i >= 0}
-        if not hits_by_id:
-            return []
-        with self.session() as session:
-            rows = session.scalars(select(Adapter).where(Adapter.id.in_(hits_by_id),
-                                                         Adapter.removed_at.is_(None))).all()
-            infos = {r.id: _info(r, []) for r in rows}
-        return [SearchHit(infos[i], s) for i, s in sorted(hits_by_id.items(), key=lambda kv: -kv[1])
-                if i in infos]
+        conditions = self._filter_conditions(base_model, kind, set(exclude_tasks), layout, tasks)
+        # Over-fetch from FAISS and filter the hits in SQL, widening until k rows pass (or the
+        # whole index was seen): cheap for the usual filters, exact in the end for narrow ones.
+        fetch_k = k if not conditions else 4 * k
+        while True:
+            scores, ids = index.search(vector.reshape(1, -1), fetch_k)
+            hits_by_id = {int(i): float(s) for s, i in zip(scores[0], ids[0]) if i >= 0}
+            if not hits_by_id:
+                return []
+            with self.session() as session:
+                rows = session.scalars(select(Adapter).where(Adapter.id.in_(hits_by_id),
+                                                             Adapter.removed_at.is_(None), *conditions)).all()
+                infos = {r.id: _info(r, []) for r in rows}
+            if len(infos) >= k or fetch_k >= index.index.ntotal:
+                break
+            fetch_k *= 4
+        ranked = sorted(((i, s) for i, s in hits_by_id.items() if i in infos), key=lambda kv: -kv[1])
+        return [SearchHit(infos[i], s) for i, s in ranked[:k]]
 
-    def _filtered_ids(self, base_model, kind, exclude_tasks, layout, tasks) -> list[int]:
-        query = select(Adapter.id).where(Adapter.removed_at.is_(None), Adapter.embedding.is_not(None))
+    def _filter_conditions(self, base_model, kind, exclude_tasks, layout, tasks) -> list:
+        conditions = []
         if base_model:
             from registry import base_models
 
-            query = query.where(Adapter.base_model == base_models.base_model_id(base_model))
+            conditions.append(Adapter.base_model == base_models.base_model_id(base_model))
         if kind:
-            query = query.where(Adapter.kind == kind)
+            conditions.append(Adapter.kind == kind)
         if layout:
-            query = query.where(Adapter.layout_fingerprint == layout)
+            conditions.append(Adapter.layout_fingerprint == layout)
         if exclude_tasks:
-            query = query.where((Adapter.task.is_(None)) | (Adapter.task.not_in(exclude_tasks)))
+            conditions.append(Adapter.task.is_(None) | Adapter.task.not_in(exclude_tasks))
         if tasks is not None:
-            query = query.where(Adapter.task.in_(list(tasks)))
-        with self.session() as session:
-            return list(session.scalars(query))
+            conditions.append(Adapter.task.in_(list(tasks)))
+        return conditions
 
     # -- the FAISS index --------------------------------------------------------------------------
     def _live_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
