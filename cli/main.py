@@ -25,7 +25,14 @@ _register_optional_modules()
 
 
 def main() -> None:
+    import os
+
     from registry.errors import RegistryError
+
+    # Our own rich bars report progress; keep transformers' per-load bars and hub lookups quiet.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     try:
         app()

@@ -1,0 +1,174 @@
+"""Evaluating a base model, alone or with a LoRA, on a task's test split.
+
+Batched greedy decoding with left padding through the chat template (the same rendering the
+harvest trains on), stopping at the end-of-turn token; every generation is scored with the task's
+metric (``harvest.metrics.score``). ``max_new_tokens`` defaults per task to the longest reference
+answer in tokens plus a margin, so a verbose base model still gets room to state its answer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harvest.metrics import score
+from harvest.tasks import Example, Task
+from harvest.train import HarvestConfig, HarvestError, configure_threads, lora_config, render_prompt
+
+
+@dataclass
+class Prediction:
+    prompt: str
+    answer: str
+    prediction: str
+    score: float
+
+
+@dataclass
+class EvalResult:
+    task: str
+    metric: str
+    accuracy: float
+    n: int
+    predictions: list[Prediction] = field(default_factory=list)
+    seconds: float = 0.0
+    new_tokens: int = 0
+
+    @property
+    def correct(self) -> int:
+        return int(round(sum(p.score for p in self.predictions)))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "metric": self.metric, "accuracy": self.accuracy, "n": self.n,
+                "seconds": self.seconds, "predictions": [p.__dict__ for p in self.predictions]}
+
+
+def default_max_new_tokens(tokenizer, examples: list[Example], margin: int = 16, cap: int = 96) -> int:
+    longest = max((len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples), default=8)
+    return min(cap, longest + margin)
+
+
+def _infer_lora(state_dict: dict) -> tuple[int, list[str]]:
+    ranks, targets = set(), set()
+    for key, tensor in state_dict.items():
+        if ".lora_A." in key:
+            ranks.add(int(tensor.shape[0]))
+            targets.add(key.split(".lora_A.")[0].rsplit(".", 1)[-1])
+    if not ranks:
+        raise HarvestError("the adapter state dict has no lora_A weights")
+    if len(ranks) > 1:
+        raise HarvestError(f"mixed LoRA ranks in one state dict: {sorted(ranks)}")
+    return ranks.pop(), sorted(targets)
+
+
+def attach_adapter(model, adapter: Any, lora: HarvestConfig | dict | None = None):
+    """Wrap ``model`` with a LoRA given as a PEFT folder or a PEFT state dict (modifies ``model``).
+
+    For a state dict the rank and targets are read from the shapes and keys; alpha and rsLoRA come
+    from ``lora`` (a HarvestConfig or an adapter_config dict), else alpha = 2 * rank.
+    """
+    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+
+    if isinstance(adapter, (str, os.PathLike)):
+        path = Path(adapter)
+        if not (path / "adapter_config.json").exists():
+            raise HarvestError(f"not a PEFT adapter folder (no adapter_config.json): {path}")
+        return PeftModel.from_pretrained(model, path, is_trainable=False)
+    rank, targets = _infer_lora(adapter)
+    if isinstance(lora, HarvestConfig):
+        config = HarvestConfig(rank=rank, alpha=lora.alpha, target_modules=tuple(targets), use_rslora=lora.use_rslora)
+    elif isinstance(lora, dict):
+        config = HarvestConfig(rank=rank, alpha=float(lora.get("lora_alpha", 2 * rank)), target_modules=tuple(targets),
+                               use_rslora=bool(lora.get("use_rslora", False)))
+    else:
+        config = HarvestConfig(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets))
+    peft_model = get_peft_model(model, lora_config(config))
+    result = set_peft_model_state_dict(peft_model, adapter)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise HarvestError(f"adapter keys do not fit the model, e.g. {unexpected[0]}")
+    return peft_model
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, batch_size: int = 16) -> tuple[list[str], int]:
+    """Greedy completions of ``prompts`` (chat-rendered, left-padded, batched by length)."""
+    import torch
+
+    device = next(model.parameters()).device
+    rendered = [render_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(rendered[i]))
+    outputs: list[str] = [""] * len(prompts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    new_tokens = 0
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([rendered[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+            gen = out[:, enc["input_ids"].shape[1]:]  # (B, new)
+            for row, i in enumerate(idx):
+                ids = gen[row].tolist()
+                if tokenizer.eos_token_id in ids:
+                    ids = ids[:ids.index(tokenizer.eos_token_id)]
+                new_tokens += len(ids)
+                outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    finally:
+        tokenizer.padding_side = old_side
+    return outputs, new_tokens
+
+
+def evaluate(
+    task: Task,
+    model=None,
+    tokenizer=None,
+    *,
+    base: str | os.PathLike | None = None,
+    adapter: Any = None,
+    lora: HarvestConfig | dict | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+) -> EvalResult:
+    """Accuracy of a model on ``task``'s ``split`` plus per-item predictions.
+
+    Either pass a loaded ``model`` (a base or a PeftModel) + ``tokenizer``, or a ``base`` name/path
+    (default SmolLM2). ``adapter`` (a PEFT folder or a PEFT state dict) is attached to a fresh copy
+    of the base, so cached models are never modified.
+    """
+    from registry import base_models
+
+    examples = task.split(split)[:limit] if limit else task.split(split)
+    if device in (None, "cpu"):
+        configure_threads(threads)
+    if model is None:
+        model, tokenizer = base_models.load_base(base, device=device, cached=adapter is None)
+    elif tokenizer is None:
+        raise HarvestError("pass the tokenizer together with the model")
+    if adapter is not None:
+        model = attach_adapter(model, adapter, lora)
+    model.eval()
+    max_new = max_new_tokens or task.info.max_new_tokens or default_max_new_tokens(tokenizer, examples)
+    t0 = time.perf_counter()
+    outputs, new_tokens = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new,
+                                   batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    predictions = [Prediction(e.prompt, e.answer, out, score(task.metric, out, e.answer))
+                   for e, out in zip(examples, outputs)]
+    accuracy = sum(p.score for p in predictions) / len(predictions) if predictions else 0.0
+    return EvalResult(task=task.name, metric=task.metric, accuracy=accuracy, n=len(predictions),
+                      predictions=predictions, seconds=seconds, new_tokens=new_tokens)

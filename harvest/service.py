@@ -1,0 +1,166 @@
+"""Harvesting into the registry: train a task's LoRA, store every kept checkpoint as a ``harvested``
+adapter, and record evaluation results.
+
+Each harvest has an id (a hash of the task's data, the settings and the base model). Checkpoints are
+stored the moment training emits them, under the adapter name = task name, one version per
+checkpoint, with the recipe ``{"harvest_id", "task", "step", "config", ...}``. Rerunning the same
+harvest resumes the training state from ``<home>/work/harvest/<task>-<id>/`` and skips checkpoints
+already stored, so an interrupted ``registry harvest --zoo`` just continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harvest.tasks import Task, TaskError
+from harvest.train import HarvestConfig, peft_config_dict
+
+SAMPLE_PROMPTS = 24
+
+
+@dataclass
+class HarvestSummary:
+    task: str
+    harvest_id: str
+    refs: list[str] = field(default_factory=list)
+    skipped: bool = False
+    seconds: float = 0.0
+    steps: int = 0
+    final_loss: float | None = None
+    tokens_per_second: float = 0.0
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def resolve_task(name_or_path: str) -> Task:
+    """A zoo task by name, or a user's JSONL task file by path."""
+    from harvest.tasks import load_task_file
+    from harvest.zoo import load_zoo_task, zoo_names
+
+    path = Path(name_or_path).expanduser()
+    if str(name_or_path).endswith(".jsonl") or path.exists():
+        return load_task_file(path)
+    if name_or_path not in zoo_names():
+        raise TaskError(f"unknown task {name_or_path!r}: not a zoo task (see `registry tasks list`) "
+                        "nor a .jsonl file")
+    return load_zoo_task(name_or_path)
+
+
+def sample_prompts(task: Task, n: int = SAMPLE_PROMPTS, seed: int = 0) -> list[str]:
+    """A fixed random sample of the task's train prompts: what describes its adapters."""
+    prompts = task.prompts("train")
+    rng = random.Random(f"{task.name}:{seed}")
+    return rng.sample(prompts, min(n, len(prompts)))
+
+
+def harvest_id(task: Task, config: HarvestConfig, base_id: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"task": task.name, "config": config.to_dict(), "base": base_id}, sort_keys=True).encode())
+    for example in task.split("train"):
+        digest.update(example.prompt.encode())
+        digest.update(b"\0")
+        digest.update(example.answer.encode())
+        digest.update(b"\1")
+    return digest.hexdigest()[:16]
+
+
+def stored_checkpoints(reg, task_name: str, hid: str) -> dict[int, str]:
+    """step -> REF of this harvest's checkpoints already in the registry."""
+    return {int(a.recipe["step"]): a.ref for a in reg.list_adapters(kind="harvested", task=task_name)
+            if a.recipe.get("harvest_id") == hid}
+
+
+def check_settings(config: HarvestConfig, base: str | None) -> None:
+    """Refuse bad settings before any work: invalid values, a bad base, modules the base lacks."""
+    from registry import base_models
+
+    from harvest.train import HarvestError
+
+    config.validate()
+    leaves = {path.rsplit(".", 1)[-1] for path in base_models.linear_module_shapes(base_models.load_base_config(base))}
+    missing = sorted(set(config.target_modules) - leaves)
+    if missing:
+        raise HarvestError(f"target modules not in the base model: {', '.join(missing)} "
+                           f"(its linear layers: {', '.join(sorted(leaves))})")
+
+
+def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestConfig | None = None,
+                 name: str | None = None, on_step=None, device: str | None = None) -> HarvestSummary:
+    """Harvest ``task`` into ``reg`` (resuming / skipping what an earlier run already did)."""
+    from registry import base_models
+    from registry.embeddings import embed_texts
+    from registry.refs import validate_name
+
+    from harvest.train import harvest
+
+    config = config or HarvestConfig()
+    check_settings(config, base)
+    name = validate_name(name or task.name)
+    base_id = base_models.base_model_id(base)
+    hid = harvest_id(task, config, base_id)
+    summary = HarvestSummary(task=task.name, harvest_id=hid)
+    done = stored_checkpoints(reg, task.name, hid)
+    if len(done) >= config.n_checkpoints:
+        summary.skipped, summary.refs = True, [done[s] for s in sorted(done)]
+        return summary
+
+    prompts = sample_prompts(task)
+    embeddings = embed_texts(prompts, reg.encoder)
+    peft_config = peft_config_dict(config, base_id)
+
+    def store(step: int, loss: float, state_dict: dict) -> None:
+        if step in done:
+            return
+        info = reg.add_weights(
+            name, state_dict, peft_config, kind="harvested", base=base, task=task.name,
+            task_description=task.description, prompts=prompts, prompt_embeddings=embeddings,
+            metrics={"train_loss": float(loss)}, tags=["harvest"],
+            recipe={"harvest_id": hid, "task": task.name, "step": step, "config": config.to_dict(),
+                    "base": base_id},
+        )
+        done[step] = info.ref
+
+    start = time.perf_counter()
+    result = harvest(task, base=base, config=config, work_dir=reg.home / "work" / "harvest" / f"{task.name}-{hid}",
+                     resume=True, on_step=on_step, on_checkpoint=store, device=device)
+    summary.seconds = time.perf_counter() - start
+    summary.steps, summary.final_loss = result.steps, (result.losses[-1] if result.losses else None)
+    summary.tokens_per_second = result.tokens_per_second
+    summary.refs = [done[s] for s in sorted(done)]
+    if summary.refs:
+        reg.set_alias(summary.refs[-1], "final")
+    return summary
+
+
+def evaluate_stored(reg, task: Task, ref: str | None = None, *, base: str | None = None,
+                    limit: int | None = None, batch_size: int = 16, device: str | None = None):
+    """Evaluate an adapter from the registry (or the base alone) on ``task``'s test split.
+
+    The adapter's result is stored in its metrics as ``eval/<task>/<metric>``; a base-only result is
+    written to ``<home>/evals/base/<base fingerprint>/<task>.json``.
+    """
+    from registry import base_models
+
+    from harvest.evaluate import evaluate
+
+    if ref is None:
+        result = evaluate(task, base=base, limit=limit, batch_size=batch_size, device=device)
+        config = base_models.load_base_config(base)
+        out = reg.home / "evals" / "base" / base_models.base_fingerprint(config)[:16] / f"{task.name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        summary = {k: v for k, v in result.to_dict().items() if k != "predictions"}
+        out.write_text(json.dumps(summary | {"base": base_models.base_model_id(base)}, indent=2))
+        return result
+    info = reg.resolve(ref)
+    path = reg.fetch(info.ref)
+    result = evaluate(task, base=base or info.base_model, adapter=str(path), limit=limit,
+                      batch_size=batch_size, device=device)
+    reg.update_metrics(info.ref, {f"eval/{task.name}/{task.metric}": result.accuracy,
+                                  f"eval/{task.name}/n": result.n})
+    return result

@@ -1,0 +1,535 @@
+"""Harvesting: fine-tune a PEFT LoRA on a task and collect checkpoints near the end of training.
+
+The base model stays frozen; only the LoRA A/B matrices train (AdamW, warmup then cosine decay).
+Each example is rendered with the tokenizer's chat template (user = prompt, assistant = answer) and
+the loss covers the answer tokens and the end-of-turn token only. To keep a CPU step cheap the model
+body runs once and the LM head is applied only at answer positions (the head over a 49k vocabulary
+is about a quarter of SmolLM2's forward cost); batches are length-bucketed with right padding.
+
+DnD-style collection: ``n_checkpoints`` snapshots taken every ``checkpoint_every`` steps, ending at
+the final step (so they sit in the flat tail of training). Each goes to
+``on_checkpoint(step, loss, lora_state_dict)`` with PEFT state-dict keys
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), CPU tensors.
+
+Resuming: with ``work_dir``, the trainer state (LoRA weights, AdamW moments and step counts, the
+step, torch RNG, the loss history and which checkpoints were emitted) is written every
+``save_every`` steps and at every checkpoint, as ``state.safetensors`` + ``state.json`` (no
+pickle), atomically. The data order is a pure function of ``(seed, epoch)``, so a resumed harvest
+replays exactly the batches an uninterrupted one would have seen and ends at the same weights (on
+the same device and thread count). A checkpoint emitted just before a crash, before the state was
+saved, is emitted again on resume: consumers should key checkpoints by step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from harvest.tasks import Example, Task
+from registry.errors import RegistryError
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_BUCKET_BATCHES = 16  # batches per length-sorting window
+_STATE_JSON = "state.json"
+_STATE_TENSORS = "state.safetensors"
+
+
+class HarvestError(RegistryError):
+    """Bad harvest settings or a work dir that belongs to another harvest (one-line message)."""
+
+
+@dataclass
+class HarvestConfig:
+    """Settings of one harvest. The defaults are the measured CPU recipe for SmolLM2-135M."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    dropout: float = 0.0
+    use_rslora: bool = False
+    steps: int = 120
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    max_length: int = 160
+    n_checkpoints: int = 10
+    checkpoint_every: int | None = None  # None: spread the checkpoints over the last ~25% of steps
+    save_every: int = 20
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise HarvestError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise HarvestError(f"alpha must be positive, got {self.alpha!r}")
+        if not self.target_modules:
+            raise HarvestError("target_modules is empty")
+        for name, value in (("steps", self.steps), ("batch_size", self.batch_size), ("max_length", self.max_length),
+                            ("n_checkpoints", self.n_checkpoints), ("save_every", self.save_every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise HarvestError(f"{name} must be a positive integer, got {value!r}")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise HarvestError(f"checkpoint_every must be a positive integer, got {self.checkpoint_every!r}")
+        if self.n_checkpoints > self.steps:
+            raise HarvestError(f"n_checkpoints ({self.n_checkpoints}) exceeds steps ({self.steps})")
+        if not self.lr > 0:
+            raise HarvestError(f"lr must be positive, got {self.lr!r}")
+        if not 0 <= self.dropout < 1:
+            raise HarvestError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.warmup_steps < 0:
+            raise HarvestError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["target_modules"] = list(self.target_modules)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HarvestConfig":
+        data = dict(data)
+        if "target_modules" in data:
+            data["target_modules"] = tuple(data["target_modules"])
+        return cls(**data)
+
+
+@dataclass
+class HarvestResult:
+    """What a harvest produced. ``state_dict`` is the final LoRA (PEFT keys, CPU tensors)."""
+
+    state_dict: dict
+    peft_config: dict  # the adapter_config.json content
+    base_model_id: str
+    config: HarvestConfig
+    losses: list[float]
+    checkpoints: list[tuple[int, float]]  # (step, loss) of each emitted checkpoint
+    steps: int
+    seconds: float
+    tokens: int  # tokens (prompt + answer, no padding) processed by the steps run in this call
+    resumed_from: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def sec_per_step(self) -> float:
+        done = self.steps - self.resumed_from
+        return self.seconds / done if done else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Small pure helpers
+# --------------------------------------------------------------------------------------------
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads: the argument, else ``$OMP_NUM_THREADS``, else the usable cores."""
+    import torch
+
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        if env.isdigit() and int(env) > 0:
+            threads = int(env)
+        else:
+            try:
+                threads = len(os.sched_getaffinity(0))
+            except AttributeError:  # not Linux
+                threads = os.cpu_count() or 1
+    threads = max(1, int(threads))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def lr_at(step: int, config: HarvestConfig) -> float:
+    """Learning rate for update number ``step`` (1-based): linear warmup, then cosine to min_lr_ratio."""
+    if config.warmup_steps and step <= config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def checkpoint_steps(config: HarvestConfig) -> list[int]:
+    """The steps at which checkpoints are emitted: ``n_checkpoints`` evenly spaced, ending at the last step."""
+    n, steps = config.n_checkpoints, config.steps
+    every = config.checkpoint_every or max(1, round(0.25 * steps / n))
+    if n > 1 and (n - 1) * every >= steps:
+        every = max(1, (steps - 1) // (n - 1))
+    return sorted(steps - i * every for i in range(n))
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of example indices for one epoch: shuffled, length-bucketed, batch order shuffled.
+
+    A pure function of its arguments (``random.Random`` with a string seed is stable across runs).
+    """
+    rng = random.Random(f"harvest:{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * _BUCKET_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation
+# --------------------------------------------------------------------------------------------
+
+
+def render_prompt(tokenizer, prompt: str) -> str:
+    """The generation prompt text for ``prompt`` (chat template with the assistant turn opened)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt + "\n"
+
+
+def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[int], int]:
+    """Token ids of the chat-rendered example and how many leading ids are prompt (no loss).
+
+    The answer part is what the template puts after the generation prompt (answer + end-of-turn),
+    minus trailing whitespace; the prompt is cut from the left if the whole is too long.
+    """
+    prompt_text = render_prompt(tokenizer, prompt)
+    answer_text = None
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=False)
+        if full.startswith(prompt_text):
+            answer_text = full[len(prompt_text):].rstrip()
+    if answer_text is None:
+        answer_text = answer + (tokenizer.eos_token or "")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
+    answer_ids = answer_ids[:max_length - 1]
+    keep = max(1, max_length - len(answer_ids))
+    prompt_ids = prompt_ids[-keep:]
+    return prompt_ids + answer_ids, len(prompt_ids)
+
+
+def collate(encoded: list[tuple[list[int], int]], pad_id: int):
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside answers)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(encoded):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention[row, :len(ids)] = 1
+        labels[row, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
+    return input_ids, attention, labels  # (B, T) each
+
+
+# --------------------------------------------------------------------------------------------
+# Model plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def linear_leaf_names(model) -> set[str]:
+    import torch
+
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def lora_config(config: HarvestConfig, base_model_id: str | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        target_modules=list(config.target_modules),
+        lora_dropout=config.dropout,
+        use_rslora=config.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_id,
+    )
+
+
+def peft_config_dict(config: HarvestConfig, base_model_id: str) -> dict:
+    """The ``adapter_config.json`` content for a LoRA trained with ``config``."""
+    out = lora_config(config, base_model_id).to_dict()
+    return json.loads(json.dumps(out, default=lambda o: sorted(o) if isinstance(o, (set, frozenset)) else str(o)))
+
+
+def save_adapter(out_dir: str | os.PathLike, state_dict: dict, config: HarvestConfig, base_model_id: str) -> Path:
+    """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps(peft_config_dict(config, base_model_id), indent=2) + "\n")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _loss_fn(peft_model):
+    """``loss(input_ids, attention_mask, labels)``: body once, LM head only where labels exist."""
+    import torch
+    import torch.nn.functional as F
+
+    inner = peft_model.get_base_model()
+    config = inner.config
+    body = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    head = inner.get_output_embeddings()
+    plain_head = (
+        body is not None and head is not None
+        and not getattr(config, "final_logit_softcapping", None)
+        and getattr(config, "logit_scale", None) in (None, 1, 1.0)
+        and getattr(config, "logits_scaling", None) in (None, 1, 1.0)
+    )
+
+    def loss(input_ids, attention_mask, labels):
+        targets = labels[:, 1:]  # position t predicts token t+1
+        mask = targets != -100  # (B, T-1)
+        if plain_head:
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+            logits = head(hidden[:, :-1][mask])  # (n_answer_tokens, V)
+        else:
+            logits = peft_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
+        return F.cross_entropy(logits.float(), targets[mask])
+
+    return loss
+
+
+def _fingerprint(config: HarvestConfig, base_id: str, examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    settings = config.to_dict()
+    settings.pop("save_every", None)  # how often state is saved does not change the result
+    digest.update(json.dumps({"config": settings, "base": base_id}, sort_keys=True).encode())
+    for example in examples:
+        digest.update(json.dumps([example.prompt, example.answer]).encode())
+    return digest.hexdigest()
+
+
+def _lora_state(peft_model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer state on disk (safetensors + JSON, no pickle)
+# --------------------------------------------------------------------------------------------
+
+
+def _save_state(work_dir: Path, named_params, optimizer, meta: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, param in named_params:
+        tensors[f"param/{name}"] = param.detach().cpu().contiguous()
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in state:
+                value = state[key]
+                value = value if torch.is_tensor(value) else torch.tensor(float(value))
+                tensors[f"{key}/{name}"] = value.detach().cpu().reshape(value.shape).contiguous()
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tmp_tensors = work_dir / (_STATE_TENSORS + ".tmp")
+    tmp_json = work_dir / (_STATE_JSON + ".tmp")
+    save_file(tensors, str(tmp_tensors))
+    tmp_json.write_text(json.dumps(meta, indent=1))
+    # tensors first, JSON last: the JSON names the step the tensors belong to
+    os.replace(tmp_tensors, work_dir / _STATE_TENSORS)
+    os.replace(tmp_json, work_dir / _STATE_JSON)
+
+
+def _load_state(work_dir: Path) -> tuple[dict, dict] | None:
+    from safetensors.torch import load_file
+
+    if not (work_dir / _STATE_JSON).exists() or not (work_dir / _STATE_TENSORS).exists():
+        return None
+    meta = json.loads((work_dir / _STATE_JSON).read_text())
+    tensors = load_file(str(work_dir / _STATE_TENSORS))
+    if tensors.get("meta/step") is not None:  # pragma: no cover - reserved
+        pass
+    return meta, tensors
+
+
+def clear_work_dir(work_dir: str | os.PathLike) -> None:
+    for name in (_STATE_JSON, _STATE_TENSORS, _STATE_JSON + ".tmp", _STATE_TENSORS + ".tmp"):
+        try:
+            (Path(work_dir) / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# The harvest
+# --------------------------------------------------------------------------------------------
+
+
+def harvest(
+    task: Task | Iterable[Example] | Iterable[tuple[str, str]],
+    *,
+    base: str | os.PathLike | None = None,
+    config: HarvestConfig | None = None,
+    work_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    keep_work_dir: bool = False,
+    on_step: Callable[[int, float], Any] | None = None,
+    on_checkpoint: Callable[[int, float, dict], Any] | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    model=None,
+    tokenizer=None,
+) -> HarvestResult:
+    """Fine-tune a LoRA on ``task``'s train split and return the final adapter.
+
+    ``base`` is a base name or folder (``registry.base_models``); pass ``model`` + ``tokenizer``
+    instead to train on an already loaded, unwrapped model (it gets LoRA layers injected).
+    With ``work_dir`` the run is resumable (see module docstring); on success the state files are
+    removed unless ``keep_work_dir``.
+    """
+    import torch
+    from peft import get_peft_model, set_peft_model_state_dict  # noqa: F401
+
+    from registry import base_models
+
+    config = config or HarvestConfig()
+    config.validate()
+    examples = list(task.train) if isinstance(task, Task) else [
+        e if isinstance(e, Example) else Example(*e) for e in task]
+    if not examples:
+        raise HarvestError("the task has no training examples")
+
+    device = device or base_models.default_device()
+    if device == "cpu":
+        configure_threads(threads)
+    if model is None:
+        model, tokenizer = base_models.load_base(base, device=device, cached=False)
+        base_id = base_models.base_model_id(base)
+    else:
+        if tokenizer is None:
+            raise HarvestError("pass the tokenizer together with the model")
+        base_id = base_models.base_model_id(base) if base is not None else str(
+            getattr(model.config, "_name_or_path", "") or "")
+        model.to(device)
+    missing = sorted(set(config.target_modules) - linear_leaf_names(model))
+    if missing:
+        available = ", ".join(sorted(linear_leaf_names(model)))
+        raise HarvestError(f"target modules not in the model: {', '.join(missing)} (its linear layers: {available})")
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [encode_example(tokenizer, e.prompt, e.answer, config.max_length) for e in examples]
+    lengths = [len(ids) for ids, _ in encoded]
+    batches_per_epoch = math.ceil(len(encoded) / config.batch_size)
+
+    torch.manual_seed(config.seed)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    peft_model = get_peft_model(model, lora_config(config, base_id))
+    named = sorted((n, p) for n, p in peft_model.named_parameters() if p.requires_grad)
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    loss_of = _loss_fn(peft_model)
+    ckpt_steps = set(checkpoint_steps(config))
+
+    fingerprint = _fingerprint(config, base_id, examples)
+    work = Path(work_dir) if work_dir is not None else None
+    start, losses, emitted = 0, [], []
+    if work is not None and resume:
+        loaded = _load_state(work)
+        if loaded is not None:
+            meta, tensors = loaded
+            if meta.get("fingerprint") != fingerprint:
+                raise HarvestError(f"work dir {work} holds the state of a different harvest (clear it or use another)")
+            with torch.no_grad():
+                for name, param in named:
+                    param.copy_(tensors[f"param/{name}"].to(param.device))
+                    if f"exp_avg/{name}" in tensors:
+                        optimizer.state[param] = {
+                            "step": tensors[f"step/{name}"].clone(),
+                            "exp_avg": tensors[f"exp_avg/{name}"].to(param.device).clone(),
+                            "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(param.device).clone(),
+                        }
+            torch.set_rng_state(tensors["rng/torch"])
+            if "rng/cuda" in tensors and torch.cuda.is_available():
+                torch.cuda.set_rng_state(tensors["rng/cuda"])
+            start, losses = int(meta["step"]), list(meta["losses"])
+            emitted = [tuple(x) for x in meta["checkpoints"]]
+
+    def persist(step: int) -> None:
+        if work is None:
+            return
+        _save_state(work, named, optimizer, {
+            "fingerprint": fingerprint, "step": step, "losses": losses, "checkpoints": emitted,
+            "config": config.to_dict(), "base_model_id": base_id,
+            "data_order": {"seed": config.seed, "batch_size": config.batch_size,
+                           "batches_per_epoch": batches_per_epoch, "bucket_batches": _BUCKET_BATCHES},
+        })
+
+    peft_model.train()
+    cached_epoch: tuple[int, list[list[int]]] = (-1, [])
+    tokens = 0
+    t0 = time.perf_counter()
+    for step in range(start + 1, config.steps + 1):
+        epoch, index = divmod(step - 1, batches_per_epoch)
+        if cached_epoch[0] != epoch:
+            cached_epoch = (epoch, epoch_batches(lengths, config.batch_size, config.seed, epoch))
+        batch = [encoded[i] for i in cached_epoch[1][index]]
+        input_ids, attention, labels = (t.to(device) for t in collate(batch, pad_id))
+        tokens += int(attention.sum())
+
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        loss = loss_of(input_ids, attention, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        value = float(loss.detach())
+        losses.append(value)
+
+        if step in ckpt_steps:
+            if on_checkpoint is not None:
+                on_checkpoint(step, value, _lora_state(peft_model))
+            emitted.append((step, value))
+        if step in ckpt_steps or step % config.save_every == 0:
+            persist(step)
+        if on_step is not None:
+            on_step(step, value)
+    seconds = time.perf_counter() - t0
+
+    peft_model.eval()
+    result = HarvestResult(
+        state_dict=_lora_state(peft_model),
+        peft_config=peft_config_dict(config, base_id),
+        base_model_id=base_id,
+        config=config,
+        losses=losses,
+        checkpoints=list(emitted),
+        steps=config.steps,
+        seconds=seconds,
+        tokens=tokens,
+        resumed_from=start,
+    )
+    if work is not None and not keep_work_dir:
+        clear_work_dir(work)
+    return result
