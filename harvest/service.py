@@ -135,6 +135,9 @@ def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestCon
     summary.refs = [done[s] for s in sorted(done)]
     if summary.refs:
         reg.set_alias(summary.refs[-1], "final")
+        reg.update_metrics(summary.refs[-1], {"harvest_seconds": summary.seconds, "harvest_steps": summary.steps,
+                                              "harvest_tokens_per_second": summary.tokens_per_second,
+                                              "harvest_resumed_from": result.resumed_from})
     return summary
 
 

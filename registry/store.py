@@ -646,6 +646,13 @@ class Registry:
             self._save_index()
         return len(missing), len(extra)
 
+    def refresh_index(self) -> tuple[int, int]:
+        """Catch the in-memory index up with adds/removals other processes made; (added, removed)."""
+        if self._index is None:
+            self._get_index()
+            return 0, 0
+        return self._catch_up(self._index)
+
     def _index_add(self, ids: list[int], vectors: np.ndarray) -> None:
         try:
             index = self._get_index()

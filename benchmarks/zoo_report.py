@@ -1,0 +1,85 @@
+"""Issue-3 table: for every harvested zoo task, base accuracy vs the final checkpoint's, the spread
+over kept checkpoints, and the harvest wall time. Results are cached in adapter metrics, so a rerun
+only evaluates what is missing.
+
+    python benchmarks/zoo_report.py [--home DIR] [--spread 3] [--limit N] [--out reports/zoo.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", default=None)
+    parser.add_argument("--spread", type=int, default=3, help="kept checkpoints evaluated per task (first..last)")
+    parser.add_argument("--limit", type=int, default=None, help="test items per evaluation (default: all)")
+    parser.add_argument("--tasks", default=None, help="comma-separated subset")
+    parser.add_argument("--out", default="reports/zoo.md")
+    args = parser.parse_args()
+
+    from harvest.service import evaluate_stored, resolve_task
+    from harvest.zoo import zoo_names
+    from registry.store import Registry
+
+    reg = Registry.open(args.home)
+    rows = []
+    names = args.tasks.split(",") if args.tasks else zoo_names()
+    for name in names:
+        task = resolve_task(name)
+        kept = reg.list_adapters(kind="harvested", task=name)
+        if not kept:
+            print(f"{name}: not harvested, skipped", flush=True)
+            continue
+        base_acc = _cached_base(reg, task)
+        if base_acc is None:
+            base_acc = evaluate_stored(reg, task, None, limit=args.limit).accuracy
+        picks = sorted({round(i * (len(kept) - 1) / max(args.spread - 1, 1)) for i in range(args.spread)})
+        accs = {}
+        metric_key = f"eval/{name}/{task.metric}"
+        for i in picks:
+            info = kept[i]
+            if metric_key not in info.metrics:
+                evaluate_stored(reg, task, info.ref, limit=args.limit)
+                info = reg.resolve(info.ref)
+            accs[info.recipe["step"]] = info.metrics[metric_key]
+        final = kept[-1]
+        final_acc = accs[max(accs)]
+        seconds = reg.resolve(final.ref).metrics.get("harvest_seconds")
+        row = {"task": name, "metric": task.metric, "base": base_acc, "final": final_acc,
+               "spread_min": min(accs.values()), "spread_max": max(accs.values()), "checkpoints": len(kept),
+               "steps_evaluated": sorted(accs), "harvest_seconds": seconds}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if not rows:
+        return
+    mean_gain = sum(r["final"] - r["base"] for r in rows) / len(rows)
+    lines = ["| task | metric | base | harvested (final) | kept checkpoints (min-max) | harvest time |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        seconds = f"{r['harvest_seconds'] / 60:.1f} min" if r["harvest_seconds"] else "-"
+        lines.append(f"| {r['task']} | {r['metric']} | {r['base']:.2f} | {r['final']:.2f} | "
+                     f"{r['spread_min']:.2f}-{r['spread_max']:.2f} ({r['checkpoints']} kept) | {seconds} |")
+    lines.append(f"| **mean** | | {sum(r['base'] for r in rows) / len(rows):.3f} | "
+                 f"{sum(r['final'] for r in rows) / len(rows):.3f} | gain {mean_gain * 100:+.1f} points | |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    print("\n".join(lines))
+
+
+def _cached_base(reg, task):
+    from registry import base_models
+
+    path = reg.home / "evals" / "base" / base_models.base_fingerprint(base_models.load_base_config(None))[:16] / f"{task.name}.json"
+    if path.exists():
+        return json.loads(path.read_text())["accuracy"]
+    return None
+
+
+if __name__ == "__main__":
+    main()

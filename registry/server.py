@@ -1,0 +1,675 @@
+"""The registry over HTTP (``registry serve``): what serving systems on other machines fetch from.
+
+Reads (open, or token-protected with ``protect_reads``):
+
+    GET  /healthz                                   liveness, never protected
+    GET  /v1/adapters?name=&kind=&task=&tag=&base_model=
+    GET  /v1/search?q=TEXT[&q=TEXT...]&k=5&kind=&base_model=&exclude_task=
+    GET  /v1/adapters/{ref}                         metadata + lineage (parents and children)
+    GET  /v1/adapters/{ref}/prompts                 the adapter's sample prompts
+    GET  /v1/adapters/{ref}/files/{file}            adapter_config.json | adapter_model.safetensors
+    GET  /v1/adapters/{ref}/archive                 the PEFT directory as one uncompressed tar
+
+Writes (always need ``Authorization: Bearer $REGISTRY_TOKEN``; refused when the server has none):
+
+    PUT  /v1/adapters/{name}/aliases/{alias}        body {"version": 3}: move or create an alias
+    POST /v1/generate     body {"prompts": [...], "name": ..., "generator": REF?, "task": ...?}
+    POST /v1/compose      body {"prompts": [...], "name": ..., "k": 3, "strategy": "mixture", "task": ...?,
+                                "exclude_tasks": [...]?}
+
+Generate and compose call ``generator.service.generate_adapter`` and
+``retrieval.service.compose_adapter``, imported when a request comes in (one such call at a time);
+while those modules or functions do not exist the endpoints answer 501 with a JSON error. Both
+answer 201 with the new adapter's metadata and a ``Location``.
+
+Files are served by content: ``ETag`` is the file's sha256 (the weights blob's digest, or the
+config's digest over the exact bytes served, which are the canonical JSON of the stored config), so
+``If-None-Match`` answers 304 and ``Range``/``If-Range`` resume a partial download (one range per
+request; a multi-range request gets the whole file). Every adapter response names what the REF
+resolved to in ``X-Registry-Ref`` (name@version) and ``X-Registry-Digest``: a client that resolves
+an alias once and then fetches by ``sha256:<digest>`` never mixes two versions when the alias moves.
+Responses for immutable REFs (``name@3``, ``sha256:...``) may be cached for a year; alias and
+latest REFs are ``no-cache``.
+
+Every error is a JSON body ``{"error": "..."}``: 400 for a malformed REF or body, 401 without a
+token, 403 with a wrong one, 404 for an unknown adapter, route or file, 413 for a body over
+``max_body_bytes`` (1 MiB by default), 416 for an unsatisfiable range, 422 for a body of the wrong
+shape, 501 for generate/compose without a backend.
+"""
+
+import hmac
+import importlib
+import io
+import json
+import logging
+import os
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import Body, FastAPI, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from registry import peft_io
+from registry.blobs import sha256_bytes, sha256_file
+from registry.errors import IntegrityError, InvalidName, NotFound, RegistryError
+from registry.refs import parse_ref, validate_alias, validate_name
+
+log = logging.getLogger("registry.server")
+
+FILES = (peft_io.CONFIG_FILE, peft_io.WEIGHTS_FILE)
+MAX_BODY_BYTES = 1 << 20
+CHUNK = 1 << 20
+CONFIG_CACHE = 4096  # verified config bodies kept in memory
+SMALL_BODY = 16 << 20  # bodies up to this size are read at once instead of streamed
+IMMUTABLE_MAX_AGE = 365 * 24 * 3600
+READ_METHODS = {"GET", "HEAD", "OPTIONS"}
+OPEN_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+ERROR_STATUS = ((InvalidName, 400), (NotFound, 404), (IntegrityError, 500), (RegistryError, 400))
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _json_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# --------------------------------------------------------------------------------------------
+# Auth and body size: a plain ASGI middleware, so both are checked before FastAPI parses a body
+# --------------------------------------------------------------------------------------------
+
+
+class GuardMiddleware:
+    """Bearer token on writes (and on reads when ``protect_reads``); bodies over the limit get 413."""
+
+    def __init__(self, app, token: str | None, protect_reads: bool, max_body_bytes: int):
+        self.app = app
+        self.token = token or None
+        self.protect_reads = protect_reads
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        method, path = scope["method"], scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        write = method not in READ_METHODS
+        if (write or self.protect_reads) and path not in OPEN_PATHS:
+            refusal = self._check_token(headers.get("authorization"), write)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        if not write:
+            return await self.app(scope, receive, send)
+
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await _json_error(400, "invalid Content-Length header")(scope, receive, send)
+            if int(declared) > self.max_body_bytes:
+                return await self._too_large(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return await self._too_large(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    def _check_token(self, authorization: str | None, write: bool):
+        if self.token is None:
+            if write:
+                return _json_error(403, "writes are disabled: start the server with REGISTRY_TOKEN set")
+            return _json_error(403, "reads are protected but the server has no REGISTRY_TOKEN")
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            what = "writes need" if write else "this server protects reads: requests need"
+            return _json_error(401, f"{what} an 'Authorization: Bearer <token>' header",
+                               {"WWW-Authenticate": 'Bearer realm="registry"'})
+        if not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            return _json_error(403, "wrong token")
+        return None
+
+    async def _too_large(self, scope, receive, send):
+        return await _json_error(413, f"request body over the limit of {self.max_body_bytes} bytes")(
+            scope, receive, send)
+
+
+# --------------------------------------------------------------------------------------------
+# Serving one adapter's files: ETag, conditional GET, Range
+# --------------------------------------------------------------------------------------------
+
+
+class AdapterFiles:
+    """Where each served file's bytes come from, checked once per process against its digest."""
+
+    def __init__(self, registry):
+        self.registry = registry
+        self._verified: dict[str, tuple[int, int]] = {}  # weights digest -> (size, mtime_ns) seen intact
+        self._configs: dict[str, bytes] = {}  # config digest -> its verified canonical bytes
+        self._lock = threading.Lock()
+
+    def config_bytes(self, info) -> bytes:
+        """The canonical JSON of the stored config: the bytes ``config_sha256`` is taken over
+        (kept in memory by digest once checked: content-addressed, so never stale)."""
+        from registry.schema import Adapter
+
+        with self._lock:
+            cached = self._configs.get(info.config_sha256)
+        if cached is not None:
+            return cached
+        with self.registry.session() as session:
+            config = dict(session.get(Adapter, info.id).peft_config)
+        data = peft_io.canonical_json(config)
+        if sha256_bytes(data) != info.config_sha256:
+            raise IntegrityError(f"stored config of {info.ref} does not match its digest: run `registry doctor`")
+        with self._lock:
+            if len(self._configs) >= CONFIG_CACHE:
+                self._configs.clear()
+            self._configs[info.config_sha256] = data
+        return data
+
+    def weights_path(self, info) -> Path:
+        """The weights blob, re-hashed whenever its size or mtime changed since it was last checked."""
+        path = self.registry.blobs.path(info.weights_sha256)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise IntegrityError(f"weights of {info.ref} are missing from the blob store: run `registry doctor`") from None
+        seen = (stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if self._verified.get(info.weights_sha256) == seen:
+                return path
+        if sha256_file(path) != info.weights_sha256:
+            raise IntegrityError(f"weights of {info.ref} do not match their digest: run `registry doctor`")
+        with self._lock:
+            self._verified[info.weights_sha256] = seen
+        return path
+
+
+def _etag(digest: str) -> str:
+    return f'"{digest}"'
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """``If-None-Match`` semantics: weak comparison, ``*`` matches anything."""
+    if not header:
+        return False
+    for candidate in header.split(","):
+        candidate = candidate.strip()
+        if candidate == "*":
+            return True
+        if candidate.startswith("W/"):
+            candidate = candidate[2:]
+        if candidate == etag:
+            return True
+    return False
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
+    """One ``bytes=`` range as (start, end inclusive); None to serve it all; "unsatisfiable" for 416.
+
+    Malformed headers and multi-range requests are ignored (the whole file is sent), as RFC 9110
+    allows.
+    """
+    if not header:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) or not (first or last):
+        return None
+    if not first:  # suffix: the last N bytes
+        length = int(last)
+        if length == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - length), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None  # invalid: ignored
+    if start >= size:
+        return "unsatisfiable"
+    return start, min(int(last), size - 1) if last else size - 1
+
+
+def _iter_file(handle, start: int, length: int) -> Iterator[bytes]:
+    with handle:
+        handle.seek(start)
+        remaining = length
+        while remaining > 0:
+            block = handle.read(min(CHUNK, remaining))
+            if not block:
+                break
+            remaining -= len(block)
+            yield block
+
+
+def _iter_bytes(data: bytes, start: int, length: int) -> Iterator[bytes]:
+    for offset in range(start, start + length, CHUNK):
+        yield data[offset:min(offset + CHUNK, start + length)]
+
+
+# --------------------------------------------------------------------------------------------
+# The archive: a deterministic uncompressed tar of the two files, streamed
+# --------------------------------------------------------------------------------------------
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime, info.uname, info.gname = size, 0o644, 0, "", ""
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _tar_padding(size: int) -> bytes:
+    return b"\0" * (-size % tarfile.BLOCKSIZE)
+
+
+def tar_size(config_size: int, weights_size: int) -> int:
+    blocks = lambda n: n + (-n % tarfile.BLOCKSIZE)  # noqa: E731
+    return 2 * tarfile.BLOCKSIZE + blocks(config_size) + blocks(weights_size) + 2 * tarfile.BLOCKSIZE
+
+
+def _iter_tar(config: bytes, weights_handle, weights_size: int) -> Iterator[bytes]:
+    yield _tar_header(peft_io.CONFIG_FILE, len(config)) + config + _tar_padding(len(config))
+    yield _tar_header(peft_io.WEIGHTS_FILE, weights_size)
+    yield from _iter_file(weights_handle, 0, weights_size)
+    yield _tar_padding(weights_size) + b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+# --------------------------------------------------------------------------------------------
+# Request bodies
+# --------------------------------------------------------------------------------------------
+
+Prompts = Annotated[list[Annotated[str, Field(min_length=1, max_length=10_000)]],
+                    Field(min_length=1, max_length=1000, description="A task's sample prompts.")]
+
+
+class AliasBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, description="The version of NAME the alias points at.")
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: Prompts
+    name: str = Field(description="Name to store the generated adapter under.")
+    generator: str | None = Field(None, description="REF of a trained generator (default: the latest).")
+    task: str | None = Field(None, max_length=128, description="Task name recorded on the new adapter.")
+
+
+class ComposeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: Prompts
+    name: str = Field(description="Name to store the composed adapter under.")
+    k: int = Field(3, ge=1, le=50, description="How many nearest adapters to compose.")
+    strategy: str = Field("mixture", max_length=64, description="Composition strategy (mixture, fusion, ...).")
+    task: str | None = Field(None, max_length=128, description="Task name recorded on the new adapter.")
+    exclude_tasks: list[Annotated[str, Field(max_length=128)]] = Field(
+        default_factory=list, max_length=100, description="Leave these tasks' adapters out of retrieval.")
+
+
+# --------------------------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------------------------
+
+
+def _service(module_name: str, function_name: str, what: str):
+    """The generate/compose backend, imported per request so it appears once someone installs it."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise _Unavailable(f"{what} is not available on this server: {module_name}.{function_name} "
+                               "is not installed") from None
+        raise
+    function = getattr(module, function_name, None)
+    if function is None:
+        raise _Unavailable(f"{what} is not available on this server: {module_name} has no {function_name}")
+    return function
+
+
+class _Unavailable(Exception):
+    """A write endpoint whose backend is not installed (501)."""
+
+
+def _result_dict(result: Any) -> dict:
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    if hasattr(result, "adapter") and hasattr(result.adapter, "to_dict"):
+        return result.adapter.to_dict()
+    if isinstance(result, dict):
+        return result
+    raise RegistryError(f"the backend returned {type(result).__name__}, not an adapter record")
+
+
+def create_app(registry=None, *, home: str | os.PathLike | None = None, token: str | None = None,
+               protect_reads: bool | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+    """The ASGI app. ``registry`` (a ``Registry``) or ``home`` says what to serve; ``token``
+    defaults to ``$REGISTRY_TOKEN`` and ``protect_reads`` to ``$REGISTRY_PROTECT_READS``."""
+    if registry is None:
+        from registry.store import Registry
+
+        registry = Registry.open(home)
+    token = token if token is not None else os.environ.get("REGISTRY_TOKEN")
+    if protect_reads is None:
+        protect_reads = _truthy(os.environ.get("REGISTRY_PROTECT_READS"))
+    files = AdapterFiles(registry)
+    model_lock = threading.Lock()  # one search/generate/compose at a time: they share the FAISS index
+    bearer = HTTPBearer(auto_error=False, description="The server's REGISTRY_TOKEN.")
+
+    app = FastAPI(
+        title="LoRA adapter registry",
+        version="1",
+        description=__doc__.split("\n\n", 1)[0] + "\n\nErrors are JSON bodies `{\"error\": \"...\"}`.",
+    )
+    app.state.registry = registry
+    app.add_middleware(GuardMiddleware, token=token, protect_reads=protect_reads, max_body_bytes=max_body_bytes)
+    read_security = [Security(bearer)] if protect_reads else []  # enforced by GuardMiddleware;
+    write_security = [Security(bearer)]  # declared here so /docs shows which endpoints need it
+
+    # -- errors: always {"error": ...} ------------------------------------------------------------
+    @app.exception_handler(RegistryError)
+    async def _registry_error(_request, err: RegistryError):
+        status = next(code for cls, code in ERROR_STATUS if isinstance(err, cls))
+        if status >= 500:
+            log.error("integrity problem: %s", err)
+        return _json_error(status, str(err))
+
+    @app.exception_handler(_Unavailable)
+    async def _unavailable(_request, err: _Unavailable):
+        return _json_error(501, str(err))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, err: StarletteHTTPException):
+        message = err.detail if isinstance(err.detail, str) else json.dumps(err.detail)
+        if err.status_code == 404 and message == "Not Found":
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif err.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return _json_error(err.status_code, message, getattr(err, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, err: RequestValidationError):
+        problems = err.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            detail = next(p for p in problems if p.get("type") == "json_invalid")
+            ctx = (detail.get("ctx") or {}).get("error", "")
+            return _json_error(400, f"malformed JSON body{': ' + str(ctx) if ctx else ''}")
+        parts = []
+        for problem in problems[:5]:
+            where = ".".join(str(x) for x in problem.get("loc", ()) if x != "body") or "body"
+            parts.append(f"{where}: {problem.get('msg', 'invalid')}")
+        return _json_error(422, "invalid request: " + "; ".join(parts))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, err: Exception):
+        log.exception("unexpected error")
+        return _json_error(500, f"internal error ({type(err).__name__}); see the server log")
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def resolve(ref: str):
+        parsed = parse_ref(ref)  # InvalidName (400) for anything that is not a REF: '..', '/', ...
+        info = registry.resolve(str(parsed))
+        immutable = parsed.digest is not None or parsed.version is not None
+        return info, immutable
+
+    def adapter_headers(info, immutable: bool) -> dict:
+        if immutable:
+            cache = f"{'private' if protect_reads else 'public'}, max-age={IMMUTABLE_MAX_AGE}, immutable"
+        else:
+            cache = "no-cache"
+        return {"X-Registry-Ref": info.ref, "X-Registry-Digest": info.digest, "Cache-Control": cache}
+
+    def serve_bytes(request: Request, etag: str, size: int, opener, media_type: str, headers: dict):
+        """200/206/304/416 for a file of ``size`` bytes; ``opener(start, length)`` streams a slice."""
+        headers = dict(headers, ETag=etag)
+        headers["Accept-Ranges"] = "bytes"
+        if _etag_matches(request.headers.get("if-none-match"), etag):
+            return Response(status_code=304, headers=headers)
+        wanted = parse_range(request.headers.get("range"), size)
+        if_range = request.headers.get("if-range")
+        if wanted is not None and if_range is not None and if_range.strip() != etag:
+            wanted = None  # the client's partial copy is of other bytes: send everything
+        if wanted == "unsatisfiable":
+            return _json_error(416, f"range {request.headers.get('range')!r} is outside the {size}-byte file",
+                               dict(headers, **{"Content-Range": f"bytes */{size}"}))
+        status, start, length = 200, 0, size
+        if wanted is not None:
+            start, end = wanted
+            status, length = 206, end - start + 1
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        headers["Content-Length"] = str(length)
+        if request.method == "HEAD":
+            return Response(status_code=status, headers=headers, media_type=media_type)
+        if length <= SMALL_BODY:  # one read, one send: much cheaper than streaming small files
+            return Response(b"".join(opener(start, length)), status_code=status, headers=headers,
+                            media_type=media_type)
+        return StreamingResponse(opener(start, length), status_code=status, headers=headers, media_type=media_type)
+
+    # -- reads ----------------------------------------------------------------------------------------
+    @app.get("/healthz", tags=["meta"])
+    def healthz():
+        """Liveness: 200 while the server runs (never token-protected)."""
+        return {"ok": True}
+
+    @app.get("/v1/adapters", tags=["read"], dependencies=read_security)
+    def list_adapters(name: str | None = None, kind: str | None = None, task: str | None = None,
+                      tag: str | None = None, base_model: str | None = None):
+        """Adapter versions, optionally filtered."""
+        adapters = registry.list_adapters(name=name, kind=kind, task=task, tag=tag, base_model=base_model)
+        return [a.to_dict() for a in adapters]
+
+    @app.get("/v1/search", tags=["read"], dependencies=read_security)
+    def search(q: Annotated[list[str], Query(description="A prompt (repeat for several: their mean is searched).")],
+               k: Annotated[int, Query(ge=1, le=100)] = 5, base_model: str | None = None,
+               kind: str | None = None, exclude_task: Annotated[list[str], Query()] = []):
+        """The adapters whose sample prompts are nearest to the prompt(s)."""
+        with model_lock:
+            registry.refresh_index()  # see adapters other processes added since
+            hits = registry.search(q if len(q) > 1 else q[0], k=k, base_model=base_model, kind=kind,
+                                   exclude_tasks=exclude_task)
+        return [{"score": h.score, **h.adapter.to_dict()} for h in hits]
+
+    @app.get("/v1/adapters/{ref}", tags=["read"], dependencies=read_security)
+    def show(ref: str):
+        """Metadata of the version REF resolves to, with its lineage (parents and children)."""
+        from sqlalchemy import select
+
+        from registry.schema import Adapter, Lineage
+
+        info, immutable = resolve(ref)
+        with registry.session() as session:
+            children = session.execute(
+                select(Adapter.name, Adapter.version, Lineage.weight)
+                .join(Lineage, Lineage.child_id == Adapter.id)
+                .where(Lineage.parent_id == info.id, Adapter.removed_at.is_(None))
+                .order_by(Adapter.name, Adapter.version)).all()
+        data = info.to_dict()
+        data["lineage"] = {"parents": info.parents,
+                           "children": [{"ref": f"{n}@{v}", "weight": w} for n, v, w in children]}
+        data["files"] = {peft_io.CONFIG_FILE: info.config_sha256, peft_io.WEIGHTS_FILE: info.weights_sha256}
+        headers = adapter_headers(info, immutable)
+        headers["Cache-Control"] = "no-cache"  # aliases and children of even a fixed version change
+        return JSONResponse(data, headers=headers)
+
+    @app.get("/v1/adapters/{ref}/prompts", tags=["read"], dependencies=read_security)
+    def prompts(ref: str):
+        """The sample prompts stored with the adapter."""
+        info, immutable = resolve(ref)
+        return JSONResponse({"ref": info.ref, "prompts": registry.prompts(info.ref)},
+                            headers=adapter_headers(info, immutable))
+
+    @app.head("/v1/adapters/{ref}/files/{file_name}", include_in_schema=False)
+    @app.get("/v1/adapters/{ref}/files/{file_name}", tags=["read"], dependencies=read_security,
+             responses={200: {"description": "the file"}, 206: {"description": "a byte range"},
+                        304: {"description": "not modified"}, 416: {"description": "bad range"}})
+    def get_file(ref: str, file_name: str, request: Request):
+        """One file of the PEFT directory; ETag = its sha256; conditional GET and single Range."""
+        if file_name not in FILES:
+            raise NotFound(f"unknown file {file_name!r}: one of {', '.join(FILES)}")
+        info, immutable = resolve(ref)
+        headers = adapter_headers(info, immutable)
+        if file_name == peft_io.CONFIG_FILE:
+            data = files.config_bytes(info)
+            return serve_bytes(request, _etag(info.config_sha256), len(data),
+                               lambda start, length: _iter_bytes(data, start, length), "application/json", headers)
+        path = files.weights_path(info)
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the streaming iterator
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            response = serve_bytes(request, _etag(info.weights_sha256), size,
+                                   lambda start, length: _iter_file(handle, start, length),
+                                   "application/octet-stream", headers)
+        except BaseException:
+            handle.close()
+            raise
+        if not isinstance(response, StreamingResponse) and not handle.closed:
+            handle.close()
+        return response
+
+    @app.head("/v1/adapters/{ref}/archive", include_in_schema=False)
+    @app.get("/v1/adapters/{ref}/archive", tags=["read"], dependencies=read_security,
+             responses={200: {"description": "an uncompressed tar"}})
+    def get_archive(ref: str, request: Request):
+        """The PEFT directory (both files, at the archive's top level) as one uncompressed tar."""
+        info, immutable = resolve(ref)
+        headers = adapter_headers(info, immutable)
+        headers["Content-Disposition"] = f'attachment; filename="{info.name}-{info.version}.tar"'
+        etag = _etag(f"tar-{info.digest}")
+        if _etag_matches(request.headers.get("if-none-match"), etag):
+            return Response(status_code=304, headers=dict(headers, ETag=etag))
+        config = files.config_bytes(info)
+        path = files.weights_path(info)
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the streaming iterator
+        size = os.fstat(handle.fileno()).st_size
+        headers.update({"ETag": etag, "Content-Length": str(tar_size(len(config), size))})
+        if request.method == "HEAD":
+            handle.close()
+            return Response(status_code=200, headers=headers, media_type="application/x-tar")
+        if size <= SMALL_BODY:
+            return Response(b"".join(_iter_tar(config, handle, size)), headers=headers, media_type="application/x-tar")
+        return StreamingResponse(_iter_tar(config, handle, size), headers=headers, media_type="application/x-tar")
+
+    # -- writes ---------------------------------------------------------------------------------------
+    @app.put("/v1/adapters/{name}/aliases/{alias}", tags=["write"], dependencies=write_security)
+    def put_alias(name: str, alias: str, body: Annotated[AliasBody, Body()]):
+        """Point NAME@ALIAS at NAME@VERSION (creating or moving the alias)."""
+        validate_name(name)
+        validate_alias(alias)
+        info = registry.set_alias(f"{name}@{body.version}", alias)
+        return JSONResponse(info.to_dict(), headers={"X-Registry-Ref": info.ref, "X-Registry-Digest": info.digest})
+
+    def created(data: dict):
+        headers = {"Location": f"/v1/adapters/{quote(data.get('ref', ''), safe='@')}"}
+        if data.get("digest"):
+            headers["X-Registry-Digest"] = data["digest"]
+        return JSONResponse(data, status_code=201, headers=headers)
+
+    @app.post("/v1/generate", tags=["write"], dependencies=write_security, status_code=201,
+              responses={501: {"description": "no generator backend installed"}})
+    def generate(body: GenerateBody):
+        """Generate an adapter from a task's prompts (Drag-and-Drop) and store it as NAME."""
+        validate_name(body.name)
+        function = _service("generator.service", "generate_adapter", "generation")
+        extra = {"task": body.task} if body.task else {}
+        with model_lock:
+            result = function(registry, body.prompts, name=body.name, generator_ref=body.generator, **extra)
+        return created(_result_dict(result))
+
+    @app.post("/v1/compose", tags=["write"], dependencies=write_security, status_code=201,
+              responses={501: {"description": "no retrieval backend installed"}})
+    def compose(body: ComposeBody):
+        """Retrieve the k nearest adapters to the prompts, compose them, and store the result as NAME."""
+        validate_name(body.name)
+        function = _service("retrieval.service", "compose_adapter", "composition")
+        extra = {"task": body.task} if body.task else {}
+        if body.exclude_tasks:
+            extra["exclude_tasks"] = body.exclude_tasks
+        with model_lock:
+            result = function(registry, body.prompts, k=body.k, strategy=body.strategy, name=body.name, **extra)
+        return created(_result_dict(result))
+
+    return app
+
+
+def serve(home: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 8080, *,
+          protect_reads: bool | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+          access_log: bool = True, log_level: str = "info") -> None:
+    """Run the server until interrupted (what ``registry serve`` calls)."""
+    import uvicorn
+
+    app = create_app(home=home, protect_reads=protect_reads, max_body_bytes=max_body_bytes)
+    try:
+        uvicorn.run(app, host=host, port=port, access_log=access_log, log_level=log_level)
+    finally:
+        app.state.registry.close()
+
+
+class ServerThread:
+    """Run an ASGI app with uvicorn in a background thread on a free loopback port (tests, benchmarks).
+
+        with ServerThread(create_app(reg)) as url:
+            fetch(url, "math@prod", cache)
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1"):
+        import socket
+
+        import uvicorn
+
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, 0))
+        self.url = f"http://{host}:{self.socket.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> str:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.socket.close()
+
+
+def read_tar(data: bytes) -> dict[str, bytes]:
+    """The files of an archive from ``/archive`` (used by tests and the load benchmark)."""
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+        for member in archive.getmembers():
+            if not member.isfile() or member.name not in FILES:
+                raise IntegrityError(f"unexpected archive member {member.name!r}")
+            out[member.name] = archive.extractfile(member).read()
+    return out
