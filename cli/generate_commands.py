@@ -1,0 +1,137 @@
+"""Commands of the DnD generator: train-generator, generate, generators.
+
+Each parses, calls one function of ``generator.service``, prints. torch and the encoder are
+imported inside the command bodies so ``registry --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from cli.app import HomeOption, JsonOption, PromptsOption, app, console, open_registry, print_json, progress
+
+TasksOption = Annotated[list[str], typer.Option("--tasks", help="Train only on these tasks (repeatable).")]
+ExcludeOption = Annotated[list[str], typer.Option("--exclude-tasks", help="Hold these tasks out (repeatable).")]
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+@app.command("train-generator")
+def train_generator(
+    tasks: TasksOption = [],
+    exclude_tasks: ExcludeOption = [],
+    steps: Annotated[int, typer.Option(help="Training steps (a rerun with more steps continues).")] = 2000,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="(checkpoint, N prompts) pairs per step.")] = 8,
+    n_prompts: Annotated[int, typer.Option("--n-prompts", help="N: prompts per condition.")] = 16,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="L: encoder tokens kept per prompt.")] = 64,
+    layers: Annotated[int, typer.Option("--layers", help="Hyper-convolutional layers.")] = 4,
+    kernel: Annotated[int, typer.Option(help="Convolution kernel size (odd).")] = 5,
+    hidden_tokens: Annotated[int, typer.Option("--hidden-tokens", help="Largest N before the last layer.")] = 64,
+    spread_weighting: Annotated[bool, typer.Option(help="Weight the loss per token by 1/spread across checkpoints (DnD).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and sampling.")] = 0,
+    save_every: Annotated[int, typer.Option("--save-every", help="Save the training state every M steps.")] = 100,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Only adapters of this base model.")] = None,
+    name: Annotated[str, typer.Option(help="Artifact name (a new version each time).")] = "dnd",
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: CUDA when present).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Discard saved training state and start over.")] = False,
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+):
+    """Train a DnD generator on the harvested adapters and store it as a versioned artifact."""
+    from generator.service import train_generator_from_registry
+
+    err = console_err()
+    with open_registry(home) as reg, progress() as bar:
+        task_id = bar.add_task("train-generator", total=steps, status="starting")
+
+        def on_step(step: int, total: int, loss: float):
+            bar.update(task_id, completed=step, total=total, status=f"loss {loss:.4f}")
+
+        info = train_generator_from_registry(
+            reg, name=name, tasks=tasks or None, exclude_tasks=exclude_tasks, steps=steps, lr=lr,
+            batch_size=batch_size, n_prompts=n_prompts, device=device, on_step=on_step, resume=not fresh,
+            on_status=lambda message: bar.update(task_id, status=message),
+            prompt_tokens=prompt_tokens, n_layers=layers, kernel=kernel, hidden_tokens=hidden_tokens,
+            spread_weighting=spread_weighting, seed=seed, save_every=save_every, base_model=base_model)
+        bar.update(task_id, completed=steps)
+    if json_output:
+        print_json(info.to_dict())
+        return
+    meta = info.meta
+    err.print(f"trained on {len(meta['adapters'])} adapters of {len(meta['tasks'])} tasks "
+              f"({', '.join(meta['tasks'])}) in {_seconds(meta['wall_time_s'])}; final loss {meta['final_loss']:.4f}",
+              soft_wrap=True)
+    console().print(f"stored [bold]{info.ref}[/bold] sha256:{info.sha256}", soft_wrap=True)
+
+
+def console_err():
+    from cli.app import console_stderr
+
+    return console_stderr()
+
+
+@app.command()
+def generate(
+    name: Annotated[str, typer.Option(help="Name of the new adapter.")],
+    prompts: PromptsOption = None,
+    task: Annotated[Optional[str], typer.Option(help="Take prompts from a task: a zoo task name or a task .jsonl file.")] = None,
+    generator: Annotated[Optional[str], typer.Option(help="Generator artifact REF (default: the latest DnD generator).")] = None,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Refuse unless the generator targets this base model.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda (default: CUDA when present).")] = None,
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+):
+    """Generate an adapter from prompts with a trained DnD generator and print its REF."""
+    from generator.service import generate_adapter, task_prompts
+    from registry.errors import RegistryError
+    from registry.prompts import read_prompts_file
+
+    if (prompts is None) == (task is None):
+        raise RegistryError("give either --prompts FILE or --task TASK")
+    if prompts is not None:
+        task_name, prompt_list = None, read_prompts_file(prompts)
+    else:
+        task_name, prompt_list = task_prompts(task)
+    timings: dict = {}
+    with open_registry(home) as reg:
+        info = generate_adapter(reg, prompt_list, name, generator_ref=generator, task=task_name,
+                                base_model=base_model, device=device, timings=timings)
+    if json_output:
+        print_json(info.to_dict() | {"timings": timings})
+        return
+    console().print(f"generated [bold]{info.ref}[/bold] sha256:{info.digest}", soft_wrap=True)
+    console_err().print(
+        f"{len(prompt_list)} prompts -> {timings['generator']} on {timings['device']}: "
+        f"load generator {_seconds(timings['load_s'])}, encoder {_seconds(timings['encoder_s'])}, "
+        f"embed {_seconds(timings['embed_s'])}, "
+        f"decode {_seconds(timings['decode_s'])}, store {_seconds(timings['store_s'])}; "
+        f"total {_seconds(timings['total_s'])}", soft_wrap=True)
+
+
+@app.command()
+def generators(home: HomeOption = None, json_output: JsonOption = False):
+    """List the stored generator artifacts."""
+    from generator.service import list_generators
+
+    with open_registry(home) as reg:
+        artifacts = list_generators(reg)
+    if json_output:
+        print_json([a.to_dict() for a in artifacts])
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(artifacts)} generators")
+    for column in ("ref", "type", "base model", "tasks", "adapters", "steps", "loss", "created"):
+        table.add_column(column, overflow="fold")
+    for a in artifacts:
+        meta = a.meta
+        loss = meta.get("final_loss")
+        table.add_row(a.ref, a.artifact_type, a.base_model or "-", str(len(meta.get("tasks", []))),
+                      str(len(meta.get("adapters", []))), str(meta.get("steps", "-")),
+                      "-" if loss is None else f"{loss:.4f}", a.created_at.strftime("%Y-%m-%d %H:%M"))
+    console().print(table)

@@ -1,0 +1,768 @@
+"""The DnD generator as a registry service: train on harvested adapters, generate new adapters.
+
+    from registry import Registry
+    from generator.service import train_generator_from_registry, generate_adapter
+
+    reg = Registry.open()
+    artifact = train_generator_from_registry(reg, exclude_tasks=["held_out"], steps=2000)
+    info = generate_adapter(reg, prompts, name="held-out-dnd")    # a `generated` adapter
+
+This module is the only place where the DnD math (``generator.tokenizer``, ``dnd``, ``training``)
+meets the registry. It reads and writes only through the ``Registry`` API, never prints, and
+reports progress through callbacks. Every refusal is a one-line ``RegistryError`` subclass raised
+before anything is written.
+
+A trained generator is one registry artifact of type ``generator-dnd``: its tensors are the
+decoder weights (``decoder.*``) and the token normaliser (``normalizer.*``); its metadata records
+the decoder config, the LoRA layout it produces (and that layout's fingerprint), the base model,
+the prompt encoder, the PEFT fields to write, exactly which adapters and tasks it was trained on,
+and how the training went.
+
+Training is resumable: the state (weights, optimiser, sampling RNG, losses) is saved every
+``save_every`` steps under ``<home>/work/generators/<fingerprint>/``, where the fingerprint covers
+the training set (adapter refs + digests) and every setting except the number of steps; rerunning
+the same call continues from there (also with a larger ``steps``), and rerunning a finished one
+returns the artifact it already stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+from registry.errors import NotFound, RegistryError
+
+ARTIFACT_TYPE = "generator-dnd"
+ARTIFACT_FORMAT = "dnd-generator-artifact/1"
+SERVICE_VERSION = "dnd-service/1"
+DECODER_PREFIX = "decoder."
+NORMALIZER_PREFIX = "normalizer."
+PEFT_FIELDS = ("r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern")
+MAX_CURVE_POINTS = 200
+TASK_PROMPT_SAMPLE = 32
+TASK_PROMPT_SEED = 0
+
+# Training defaults (CPU-friendly; seed 000 used 10,000 steps at lr 3e-5, batch 8 on an H100).
+DEFAULT_STEPS = 2000
+DEFAULT_LR = 1e-3
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_SAVE_EVERY = 100
+# Options of ``train_generator_from_registry(**config)``: decoder shape and training settings.
+DECODER_OPTIONS = ("prompt_tokens", "n_layers", "kernel", "hidden_tokens", "shapes")
+TRAINING_OPTIONS = ("chunk_width", "center", "spread_weighting", "seed", "weight_decay", "grad_clip",
+                    "save_every", "base_model")
+
+
+class GeneratorError(RegistryError):
+    """A generator that cannot be trained, found, loaded or used as asked (one-line message)."""
+
+
+class GeneratorLayoutError(GeneratorError):
+    """A stored generator whose layout, decoder and normaliser do not agree."""
+
+
+class TrainingStopped(GeneratorError):
+    """Training stopped before its last step; the state is saved and a rerun resumes it."""
+
+
+# -----------------------------------------------------------------------------
+# the training set
+
+
+@dataclass
+class TrainingSet:
+    """The harvested adapters a generator trains on, grouped by task.
+
+    Unpacks as ``checkpoints, prompts, adapters = collect_training_set(...)``.
+    """
+
+    checkpoints: dict[str, list[dict]]   # task -> state dicts, in (name, version) order
+    prompts: dict[str, list[str]]        # task -> union of its adapters' stored prompts
+    adapters: list[dict]                 # [{"ref", "digest", "task"}] in training order
+    base_model: str
+    base_fingerprint: str
+    registry_layout: str                 # the registry's layout fingerprint of these adapters
+    peft_fields: dict                    # r, lora_alpha, target_modules, use_rslora (+ patterns)
+    dtype: str = "float32"
+
+    def __iter__(self) -> Iterator:
+        return iter((self.checkpoints, self.prompts, self.adapters))
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.checkpoints)
+
+
+def _describe_group(infos) -> str:
+    first = infos[0]
+    return (f"{first.base_model} r={first.rank} {','.join(first.target_modules)} "
+            f"({len(infos)} adapters, tasks {', '.join(sorted({i.task for i in infos}))})")
+
+
+def _peft_fields(config: Mapping) -> dict:
+    fields = {}
+    for key in PEFT_FIELDS:
+        value = config.get(key)
+        if key in ("rank_pattern", "alpha_pattern") and not value:
+            continue
+        if key == "target_modules" and isinstance(value, (list, tuple, set)):
+            value = sorted(value)
+        if key == "use_rslora":
+            value = bool(value)
+        fields[key] = value
+    return fields
+
+
+def collect_training_set(reg, tasks: Sequence[str] | None = None, exclude_tasks: Sequence[str] = (),
+                         base_model: str | None = None) -> TrainingSet:
+    """All harvested adapters (with a task) of one base model and one layout, grouped by task.
+
+    ``tasks`` keeps only those tasks, ``exclude_tasks`` drops tasks (held out), ``base_model``
+    keeps one base. Refuses a set that spans several base models or layouts, unknown task names,
+    tasks without stored prompts, disagreeing PEFT settings, and fewer than two tasks.
+    """
+    from registry import base_models
+
+    wanted = None if tasks is None else list(dict.fromkeys(tasks))
+    excluded = set(exclude_tasks)
+    if wanted is not None and excluded & set(wanted):
+        raise GeneratorError(f"tasks both kept and excluded: {', '.join(sorted(excluded & set(wanted)))}")
+    harvested = [a for a in reg.list_adapters(kind="harvested", base_model=base_model) if a.task]
+    if not harvested:
+        where = f" for base model {base_model}" if base_model else ""
+        raise GeneratorError(f"no harvested adapters with a task{where}: run `registry harvest` first")
+    known = {a.task for a in harvested}
+    for label, names in (("--tasks", wanted or []), ("--exclude-tasks", sorted(excluded))):
+        unknown = [t for t in names if t not in known]
+        if unknown:
+            raise GeneratorError(f"{label}: no harvested adapters for task(s) {', '.join(unknown)} "
+                                 f"(known: {', '.join(sorted(known))})")
+    chosen = [a for a in harvested if a.task not in excluded and (wanted is None or a.task in wanted)]
+
+    groups: dict[tuple[str, str], list] = {}
+    for info in chosen:
+        groups.setdefault((info.base_model, info.layout_fingerprint), []).append(info)
+    if len(groups) > 1:
+        described = "; ".join(_describe_group(g) for g in groups.values())
+        hint = ("pick one with --base-model" if len({b for b, _ in groups}) > 1
+                else "pick one layout with --tasks / --exclude-tasks")
+        raise GeneratorError(f"harvested adapters do not share one base model and layout: {described}; {hint}")
+    (base_id, registry_layout), infos = next(iter(groups.items()))
+    task_names = sorted({i.task for i in infos})
+    if len(task_names) < 2:
+        raise GeneratorError(f"a generator needs harvested adapters of at least 2 tasks, found {len(task_names)}"
+                             f" ({', '.join(task_names)})")
+
+    checkpoints: dict[str, list[dict]] = {t: [] for t in task_names}
+    prompts: dict[str, list[str]] = {t: [] for t in task_names}
+    adapters, peft, dtypes = [], None, set()
+    for info in sorted(infos, key=lambda i: (i.task, i.name, i.version)):
+        state_dict, config = reg.load_weights(info.ref)
+        fields = _peft_fields(config)
+        if peft is None:
+            peft = fields
+        elif fields != peft:
+            raise GeneratorError(f"{info.ref} has LoRA settings {fields}, other training adapters have {peft}")
+        dtypes |= {str(v.dtype).removeprefix("torch.") for v in state_dict.values()}
+        checkpoints[info.task].append(state_dict)
+        prompts[info.task].extend(p for p in reg.prompts(info.ref) if p not in prompts[info.task])
+        adapters.append({"ref": info.ref, "digest": info.digest, "task": info.task})
+    empty = [t for t in task_names if not prompts[t]]
+    if empty:
+        raise GeneratorError(f"task(s) {', '.join(empty)} have no stored prompts to condition on")
+    fingerprints = {i.base_fingerprint for i in infos}
+    return TrainingSet(checkpoints=checkpoints, prompts=prompts, adapters=adapters,
+                       base_model=base_models.base_model_id(base_id), base_fingerprint=min(fingerprints),
+                       registry_layout=registry_layout, peft_fields=peft,
+                       dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def _sha256_json(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+                          .encode("utf-8")).hexdigest()
+
+
+def code_version() -> str:
+    """``SERVICE_VERSION`` plus a hash of the generator's source files (changes with the math)."""
+    digest = hashlib.sha256()
+    folder = Path(__file__).resolve().parent
+    for module in ("tokenizer.py", "condition.py", "dnd.py", "training.py", "service.py"):
+        path = folder / module
+        if path.exists():
+            digest.update(path.read_bytes())
+    return f"{SERVICE_VERSION}+{digest.hexdigest()[:12]}"
+
+
+def _subsample_curve(losses: Sequence[float], points: int = MAX_CURVE_POINTS) -> list[list[float]]:
+    """[[step, loss], ...] with at most ``points`` entries, always including the last step."""
+    if not losses:
+        return []
+    stride = max(1, -(-len(losses) // points))
+    steps = list(range(stride, len(losses) + 1, stride))
+    if steps[-1] != len(losses):
+        steps.append(len(losses))
+    return [[s, float(losses[s - 1])] for s in steps]
+
+
+class _WorkDir:
+    """``<home>/work/generators/<fingerprint>/``: numbered state folders and a LATEST pointer.
+
+    Each save goes into a fresh ``step-NNNNNNNN`` folder; LATEST (a small JSON written atomically)
+    names the complete one, so a crash mid-save leaves the previous state in use.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _latest(self) -> dict | None:
+        path = self.root / "LATEST"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def clear(self) -> None:
+        for path in self.root.glob("step-*"):
+            shutil.rmtree(path, ignore_errors=True)
+        for name in ("LATEST", "LATEST.tmp"):
+            (self.root / name).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold an exclusive lock on the folder (a second run of the same training is refused)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "lock", "w") as handle:
+            try:
+                import fcntl
+            except ImportError:  # not POSIX: no locking
+                yield
+                return
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise GeneratorError(f"another train-generator run is using {self.root}") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def load(self, model):
+        """(TrainState, latest record) or (None, None) when nothing usable is saved."""
+        from generator.training import load_training_state
+
+        latest = self._latest()
+        if not latest or not (self.root / latest["folder"] / "training_state.json").exists():
+            return None, None
+        return load_training_state(self.root / latest["folder"], model), latest
+
+    def save(self, state, model, record: dict) -> None:
+        from generator.training import save_training_state
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        folder = f"step-{state.step:08d}"
+        save_training_state(self.root / folder, state, model)
+        self._write_latest({**record, "folder": folder, "step": state.step})
+        for old in self.root.glob("step-*"):
+            if old.name != folder:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def mark_stored(self, artifact_ref: str, artifact_sha256: str, steps: int) -> None:
+        latest = self._latest() or {}
+        self._write_latest({**latest, "artifact": artifact_ref, "artifact_sha256": artifact_sha256,
+                            "artifact_steps": steps})
+
+    def stored(self) -> dict | None:
+        latest = self._latest()
+        return latest if latest and latest.get("artifact") else None
+
+    def _write_latest(self, record: dict) -> None:
+        tmp = self.root / "LATEST.tmp"
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        os.replace(tmp, self.root / "LATEST")
+
+
+def _split_config(config: Mapping) -> tuple[dict, dict]:
+    unknown = sorted(set(config) - set(DECODER_OPTIONS) - set(TRAINING_OPTIONS))
+    if unknown:
+        raise GeneratorError(f"unknown generator option(s): {', '.join(unknown)}")
+    decoder = {k: config[k] for k in DECODER_OPTIONS if config.get(k) is not None}
+    training = {k: config[k] for k in TRAINING_OPTIONS if config.get(k) is not None}
+    return decoder, training
+
+
+def train_generator_from_registry(
+    reg, name: str = "dnd", tasks: Sequence[str] | None = None, exclude_tasks: Sequence[str] = (),
+    steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE,
+    n_prompts: int = 16, device: str | None = None,
+    on_step: Callable[[int, int, float], bool | None] | None = None, resume: bool = True,
+    on_status: Callable[[str], None] | None = None, **config,
+):
+    """Train a DnD generator on the registry's harvested adapters and store it as an artifact.
+
+    ``config`` takes decoder options (``prompt_tokens`` L = 64, ``n_layers`` = 4, ``kernel`` = 5,
+    ``hidden_tokens`` = 64, ``shapes``) and training options (``chunk_width``, ``center`` =
+    "element", ``spread_weighting`` = False, ``seed`` = 0, ``weight_decay`` = 0, ``grad_clip`` = 1,
+    ``save_every`` = 100, ``base_model``). ``on_step(step, steps, loss)`` runs after every step;
+    returning False stops training (state saved, ``TrainingStopped`` raised). ``resume=False``
+    discards saved state and starts over. Returns the stored ``ArtifactInfo``.
+    """
+    import torch
+
+    from generator.dnd import DnDConfig, DnDDecoder
+    from generator.tokenizer import TokenNormalizer, layout_from_state_dict, stack_token_grids, token_mask
+    from generator.training import GeneratorDataset, TrainState, resolve_device, train_generator
+    from registry.embeddings import load_encoder
+    from registry.refs import validate_name
+
+    status = on_status or (lambda message: None)
+    validate_name(name)
+    if steps < 1 or batch_size < 1 or n_prompts < 1 or lr <= 0:
+        raise GeneratorError("steps, batch size and n_prompts must be >= 1 and lr > 0")
+    decoder_options, training_options = _split_config(config)
+    seed = int(training_options.get("seed", 0))
+    save_every = max(1, int(training_options.get("save_every", DEFAULT_SAVE_EVERY)))
+    center = training_options.get("center", "element")
+    spread_weighting = bool(training_options.get("spread_weighting", False))
+    weight_decay = float(training_options.get("weight_decay", 0.0))
+    grad_clip = training_options.get("grad_clip", 1.0)
+
+    status("collecting harvested adapters")
+    data = collect_training_set(reg, tasks, exclude_tasks, base_model=training_options.get("base_model"))
+    status("loading the prompt encoder")
+    encoder = load_encoder(reg.encoder)
+    dimension = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
+    embed_dim = int(dimension())
+    first = next(iter(data.checkpoints.values()))[0]
+    checkpoints_per_task = {t: len(v) for t, v in data.checkpoints.items()}
+    try:
+        layout = layout_from_state_dict(first, training_options.get("chunk_width"))
+        grids = {}  # task -> (K, T, h, w); each task's state dicts are freed once tokenized
+        for task in data.tasks:
+            grids[task] = stack_token_grids(data.checkpoints[task], layout)
+            data.checkpoints[task] = []
+        decoder_config = DnDConfig.from_layout(layout, n_prompts=n_prompts, embed_dim=embed_dim, **decoder_options)
+        mask = token_mask(layout)
+        normalizer = TokenNormalizer.fit(torch.cat(list(grids.values())), mask, center=center)
+    except (ValueError, TypeError) as err:
+        raise GeneratorError(f"cannot build a generator for these adapters: {err}") from None
+
+    status("embedding prompts")
+    dataset = GeneratorDataset(grids, data.prompts, n_prompts=n_prompts, normalizer=normalizer, mask=mask,
+                               encoder=encoder, prompt_tokens=decoder_config.prompt_tokens,
+                               spread_weighting=spread_weighting)
+
+    settings = {"lr": lr, "batch_size": batch_size, "seed": seed, "center": center,
+                "spread_weighting": spread_weighting, "weight_decay": weight_decay, "grad_clip": grad_clip}
+    fingerprint = _sha256_json({"adapters": [[a["ref"], a["digest"]] for a in data.adapters],
+                                "prompts": data.prompts, "config": decoder_config.to_dict(),
+                                "encoder": reg.encoder_id, "training": settings, "name": name,
+                                "code": SERVICE_VERSION})
+    work = _WorkDir(reg.home / "work" / "generators" / fingerprint[:24])
+    with work.locked():
+        if not resume:
+            work.clear()
+        stored = work.stored()
+        if stored and stored.get("artifact_steps") == steps:
+            try:
+                info = reg.resolve_artifact(stored["artifact"], ARTIFACT_TYPE)
+                if info.sha256 == stored.get("artifact_sha256"):
+                    status(f"already trained: {info.ref}")
+                    return info
+            except NotFound:
+                pass
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = DnDDecoder(decoder_config)
+        try:
+            state, record = work.load(model)
+        except (ValueError, KeyError, OSError, RuntimeError) as err:
+            raise GeneratorError(f"saved training state in {work.root} is unreadable ({str(err).splitlines()[0]}): "
+                                 "start over with resume=False / --fresh") from None
+        if state is not None and state.step > steps:
+            raise GeneratorError(f"saved training state is at step {state.step} > --steps {steps}: "
+                                 f"rerun with more steps or start over (resume=False / --fresh)")
+        state = state or TrainState(seed=seed)
+        wall_before = float(record.get("wall_time_s", 0.0)) if record else 0.0
+        resumed_from = state.step
+        device = resolve_device(device)
+        status(f"training on {device}" + (f", resuming at step {resumed_from}" if resumed_from else ""))
+
+        started, stopped = time.perf_counter(), False
+
+        def stop_requested(step: int, total: int, loss: float):
+            nonlocal stopped
+            if on_step is not None and on_step(step, total, loss) is False:
+                stopped = True
+                return False
+            return None
+
+        def save() -> None:
+            work.save(state, model, {"fingerprint": fingerprint, "name": name,
+                                     "wall_time_s": wall_before + time.perf_counter() - started})
+
+        try:
+            while state.step < steps and not stopped:
+                target = min(steps, (state.step // save_every + 1) * save_every)
+                model, state = train_generator(model, dataset, steps=target, lr=lr, batch_size=batch_size,
+                                               device=device, on_step=stop_requested, state=state, seed=seed,
+                                               weight_decay=weight_decay, grad_clip=grad_clip)
+                save()
+        except KeyboardInterrupt:
+            save()
+            raise
+        if stopped and state.step < steps:
+            raise TrainingStopped(f"training stopped at step {state.step}/{steps}; state saved in {work.root}: "
+                                  "rerun the same command to resume")
+        wall_time = wall_before + time.perf_counter() - started
+
+        losses = state.losses
+        tail = losses[-max(1, min(20, len(losses) // 10)):]
+        meta = {
+            "format": ARTIFACT_FORMAT,
+            "code_version": code_version(),
+            "config": decoder_config.to_dict(),
+            "layout": layout.to_dict(),
+            "layout_fingerprint": layout.fingerprint,
+            "registry_layout_fingerprint": data.registry_layout,
+            "base_model": data.base_model,
+            "base_fingerprint": data.base_fingerprint,
+            "encoder": reg.encoder_id,
+            "prompt_tokens": decoder_config.prompt_tokens,
+            "n_prompts": n_prompts,
+            "peft_config": data.peft_fields,
+            "dtype": data.dtype,
+            "adapters": data.adapters,
+            "tasks": data.tasks,
+            "excluded_tasks": sorted(set(exclude_tasks)),
+            "checkpoints_per_task": checkpoints_per_task,
+            "prompts_per_task": {t: len(v) for t, v in data.prompts.items()},
+            "steps": state.step,
+            "final_loss": float(losses[-1]) if losses else None,
+            "final_loss_mean": float(sum(tail) / len(tail)) if tail else None,
+            "loss_curve": _subsample_curve(losses),
+            "training": {**settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
+                         "device": str(device), "fingerprint": fingerprint},
+            "wall_time_s": round(wall_time, 3),
+            "decoder_parameters": model.num_parameters(),
+        }
+        tensors = {f"{DECODER_PREFIX}{k}": v for k, v in model.state_dict().items()}
+        tensors |= {f"{NORMALIZER_PREFIX}{k}": v for k, v in normalizer.state_dict().items()}
+        status("storing the generator")
+        info = reg.add_artifact(name, ARTIFACT_TYPE, tensors, meta, base_model=data.base_model)
+        work.mark_stored(info.ref, info.sha256, steps)
+        return info
+
+
+# -----------------------------------------------------------------------------
+# loading a stored generator
+
+
+@dataclass
+class LoadedGenerator:
+    """A decoded generator artifact, ready to generate (cached per process)."""
+
+    ref: str
+    sha256: str
+    meta: dict
+    model: object        # DnDDecoder in eval mode on ``device``
+    layout: object       # LoraLayout
+    normalizer: object   # TokenNormalizer
+    device: object       # torch.device
+
+
+_CACHE: dict[tuple[str, str], LoadedGenerator] = {}
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 4
+
+
+def clear_generator_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def resolve_generator(reg, generator_ref: str | None = None):
+    """The ``ArtifactInfo`` of ``generator_ref`` (a DnD generator), or of the latest one."""
+    if generator_ref is None:
+        info = reg.latest_artifact(ARTIFACT_TYPE)
+        if info is None:
+            raise GeneratorError("no trained generator in this registry: run `registry train-generator` first")
+        return info
+    try:
+        return reg.resolve_artifact(generator_ref, ARTIFACT_TYPE)
+    except NotFound as err:
+        detail = f": {err}" if "alias" in str(err) else ""
+        raise GeneratorError(f"no generator matches {generator_ref}{detail} (list them with `registry generators`)") from None
+
+
+def _build_generator(info, tensors: Mapping, device) -> LoadedGenerator:
+    """Check the artifact's layout, decoder and normaliser agree, then build the decoder."""
+    import torch
+
+    from generator.dnd import DnDConfig, DnDDecoder
+    from generator.tokenizer import LoraLayout, TokenNormalizer
+    from generator.training import LayoutMismatch, check_layout
+
+    meta = info.meta
+    bad = f"generator {info.ref} is unusable"
+    if meta.get("format") != ARTIFACT_FORMAT:
+        raise GeneratorError(f"{bad}: unsupported format {meta.get('format')!r}")
+    try:
+        layout = LoraLayout.from_dict(meta["layout"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise GeneratorLayoutError(f"{bad}: its stored layout is invalid ({err})") from None
+    if layout.fingerprint != meta.get("layout_fingerprint"):
+        raise GeneratorLayoutError(f"{bad}: layout {layout.fingerprint[:12]} does not match the recorded "
+                                   f"fingerprint {str(meta.get('layout_fingerprint'))[:12]}")
+    try:
+        config = DnDConfig.from_dict(meta["config"])
+        model = DnDDecoder(config)
+        check_layout(model, layout)
+    except LayoutMismatch as err:
+        raise GeneratorLayoutError(f"{bad}: {err}") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise GeneratorError(f"{bad}: invalid decoder config ({err})") from None
+    decoder = {k[len(DECODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(DECODER_PREFIX)}
+    try:
+        model.load_state_dict(decoder)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise GeneratorLayoutError(f"{bad}: decoder weights do not fit its config "
+                                   f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    normalizer = TokenNormalizer.from_state_dict(
+        {k[len(NORMALIZER_PREFIX):]: v for k, v in tensors.items() if k.startswith(NORMALIZER_PREFIX)})
+    T, h, w = layout.shape
+    if (normalizer.std.shape != (T,) or normalizer.mean.shape not in ((T,), (T, h, w))
+            or (normalizer.mask is not None and tuple(normalizer.mask.shape) != (T, h, w))):
+        raise GeneratorLayoutError(f"{bad}: normaliser shapes do not match layout {layout.shape}")
+    peft = meta.get("peft_config", {})
+    if sorted(peft.get("target_modules") or []) != layout.target_modules:
+        raise GeneratorLayoutError(f"{bad}: target_modules {peft.get('target_modules')} do not match the layout "
+                                   f"{layout.target_modules}")
+    if not peft.get("rank_pattern") and {m.rank for m in layout.modules} != {peft.get("r")}:
+        raise GeneratorLayoutError(f"{bad}: r={peft.get('r')} does not match the layout's ranks")
+    model = model.to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return LoadedGenerator(ref=info.ref, sha256=info.sha256, meta=meta, model=model, layout=layout,
+                           normalizer=normalizer, device=torch.device(device))
+
+
+def load_generator_artifact(reg, generator_ref=None, device=None) -> tuple[LoadedGenerator, bool]:
+    """(generator, cache hit): decoded once per process per artifact digest and device.
+
+    ``generator_ref`` is a REF, None (the latest DnD generator) or an already resolved ArtifactInfo.
+    """
+    from generator.training import resolve_device
+
+    info = generator_ref if hasattr(generator_ref, "sha256") else resolve_generator(reg, generator_ref)
+    device = resolve_device(device)
+    key = (info.sha256, str(device))
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+    if cached is not None:
+        return cached, True
+    tensors, info = reg.load_artifact(info.ref, ARTIFACT_TYPE)
+    loaded = _build_generator(info, tensors, device)
+    with _CACHE_LOCK:
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = loaded
+    return loaded, False
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def _clean_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    cleaned = [p.strip() for p in prompts if isinstance(p, str)]
+    if not cleaned:
+        raise GeneratorError("no prompts given: a generator needs at least one prompt")
+    if len(cleaned) != len(list(prompts)) or any(not p for p in cleaned):
+        raise GeneratorError("prompts must be non-empty strings")
+    return cleaned
+
+
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    """The digest recorded in a generated adapter's recipe: sha256 of the prompts joined by newlines."""
+    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+
+
+def _check_base(loaded_meta: Mapping, generator_ref: str, base_model: str | None) -> None:
+    if base_model is None:
+        return
+    from registry import base_models
+
+    wanted = base_models.base_model_id(base_model)
+    if wanted != loaded_meta.get("base_model"):
+        raise GeneratorError(f"generator {generator_ref} was trained for base model {loaded_meta.get('base_model')}, "
+                             f"not {wanted}")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _encoder_for(reg, meta: Mapping, device):
+    """The generator's prompt encoder (shared with the registry's own when it is the same model)."""
+    from registry.embeddings import EncoderNotFound, encoder_id, load_encoder
+
+    name = reg.encoder if encoder_id(reg.encoder) == meta.get("encoder") else meta.get("encoder")
+    try:
+        return load_encoder(name, None if device.type == "cpu" else str(device))
+    except EncoderNotFound as err:
+        raise GeneratorError(f"the generator's prompt encoder is not available: {err}") from None
+
+
+def _embed_prompts(encoder, prompts: list[str], prompt_tokens: int, pooled: bool):
+    """The condition (P, L, C) and, when ``pooled``, the normalised sentence embeddings (P, C) from
+    one encoder pass (the same vectors ``registry.embeddings.embed_texts`` computes)."""
+    import torch
+
+    from generator.condition import encode_prompt_tokens, pad_or_cut
+
+    if not pooled:
+        return encode_prompt_tokens(encoder, prompts, max_tokens=prompt_tokens), None
+    outputs = encoder.encode(prompts, output_value=None, batch_size=32, show_progress_bar=False,
+                             normalize_embeddings=True, convert_to_numpy=False)
+    if not all("attention_mask" in o and "sentence_embedding" in o for o in outputs):
+        return encode_prompt_tokens(encoder, prompts, max_tokens=prompt_tokens), None
+    tokens = [o["token_embeddings"][o["attention_mask"].bool()] for o in outputs]  # P x (len_i, C)
+    condition = pad_or_cut(tokens, prompt_tokens)                                    # (P, L, C)
+    vectors = torch.stack([o["sentence_embedding"] for o in outputs]).float()       # (P, C)
+    vectors = torch.nn.functional.normalize(vectors, dim=-1)
+    return condition, vectors.cpu().numpy()
+
+
+def _generate(reg, prompts: list[str], generator_ref, base_model, device, pooled: bool):
+    import torch
+
+    from generator.training import generate_state_dict
+
+    start = time.perf_counter()
+    info = resolve_generator(reg, generator_ref)
+    _check_base(info.meta, info.ref, base_model)
+    loaded, cached = load_generator_artifact(reg, info, device)
+    meta = loaded.meta
+    t_loaded = time.perf_counter()
+
+    encoder = _encoder_for(reg, meta, loaded.device)
+    t_encoder = time.perf_counter()
+    pooled = pooled and meta.get("encoder") == reg.encoder_id  # the registry stores its own encoder's vectors
+    condition, vectors = _embed_prompts(encoder, prompts, int(meta["prompt_tokens"]), pooled)  # (P, L, C)
+    _sync(loaded.device)
+    t_embedded = time.perf_counter()
+
+    dtype = getattr(torch, str(meta.get("dtype", "float32")), torch.float32)
+    with torch.inference_mode():
+        state_dict = generate_state_dict(loaded.model, condition.to(loaded.device), loaded.normalizer,
+                                         loaded.layout, dtype=dtype)
+    t_decoded = time.perf_counter()
+
+    peft_config = {**meta["peft_config"], "peft_type": "LORA", "task_type": "CAUSAL_LM", "lora_dropout": 0.0,
+                   "bias": "none", "base_model_name_or_path": meta["base_model"]}
+    timings = {"load_s": 0.0 if cached else t_loaded - start, "encoder_s": t_encoder - t_loaded,
+               "embed_s": t_embedded - t_encoder, "decode_s": t_decoded - t_embedded,
+               "total_s": t_decoded - start, "cached": cached, "generator": loaded.ref,
+               "generator_digest": loaded.sha256, "device": str(loaded.device)}
+    return state_dict, peft_config, timings, vectors
+
+
+def generate_state_dict_for(reg, prompts: Sequence[str], generator_ref: str | None = None,
+                            base_model: str | None = None, device=None) -> tuple[dict, dict, dict]:
+    """Prompts -> (PEFT state dict, adapter_config dict, timings) without storing anything.
+
+    timings: ``load_s`` (resolving + decoding the artifact, 0 on a cache hit), ``encoder_s``
+    (loading the encoder, ~0 once loaded), ``embed_s``, ``decode_s`` (decoder + de-tokenising),
+    ``total_s``, ``cached``, ``generator`` (its ref), ``generator_digest``, ``device``.
+    """
+    state_dict, peft_config, timings, _ = _generate(reg, _clean_prompts(prompts), generator_ref, base_model,
+                                                    device, pooled=False)
+    return state_dict, peft_config, timings
+
+
+def generate_adapter(reg, prompts: Sequence[str], name: str, generator_ref: str | None = None,
+                     task: str | None = None, base_model: str | None = None, device=None,
+                     timings: dict | None = None, tags: Sequence[str] = ()):
+    """Prompts -> a new ``generated`` adapter version; returns its ``AdapterInfo``.
+
+    The recipe records the generator (ref + digest) and the prompts' sha256; the prompts are
+    stored with the adapter (so it is searchable; their sentence embeddings come from the same
+    encoder pass as the condition). Pass a dict as ``timings`` to receive the breakdown of
+    ``generate_state_dict_for`` plus ``store_s``.
+    """
+    from registry.refs import validate_name
+
+    validate_name(name)
+    prompts = _clean_prompts(prompts)
+    state_dict, peft_config, measured, vectors = _generate(reg, prompts, generator_ref, base_model, device,
+                                                           pooled=True)
+    start = time.perf_counter()
+    recipe = {"generator": measured["generator"], "generator_digest": measured["generator_digest"],
+              "generator_type": ARTIFACT_TYPE, "prompts_sha256": prompts_sha256(prompts),
+              "n_prompts": len(prompts)}
+    info = reg.add_weights(name, state_dict, peft_config, kind="generated", task=task, prompts=prompts,
+                           prompt_embeddings=vectors, tags=tags, recipe=recipe, parents=[])
+    measured["store_s"] = time.perf_counter() - start
+    measured["total_s"] += measured["store_s"]
+    if timings is not None:
+        timings.update(measured)
+    return info
+
+
+# -----------------------------------------------------------------------------
+# prompts of a task (for `registry generate --task`)
+
+
+def task_prompts(task: str, count: int = TASK_PROMPT_SAMPLE, seed: int = TASK_PROMPT_SEED) -> tuple[str, list[str]]:
+    """(task name, a fixed random sample of its train-split prompts).
+
+    ``task`` is a zoo task name (``harvest.zoo.load_zoo_task``) or a task JSONL path
+    (``harvest.tasks.load_task_file``).
+    """
+    import importlib
+
+    try:
+        harvest_tasks = importlib.import_module("harvest.tasks")
+        harvest_zoo = importlib.import_module("harvest.zoo")
+    except ImportError as err:
+        raise GeneratorError(f"--task needs the harvest package, which cannot be imported ({err}); "
+                             "use --prompts FILE") from None
+    path = Path(task).expanduser()
+    if task.endswith(".jsonl") or path.is_file():
+        loaded = harvest_tasks.load_task_file(path)
+    else:
+        try:
+            loaded = harvest_zoo.load_zoo_task(task)
+        except KeyError:
+            raise GeneratorError(f"unknown task {task!r}: give a zoo task name or a task .jsonl file") from None
+    prompts = [e.prompt for e in loaded.train]
+    if not prompts:
+        raise GeneratorError(f"task {task} has no train-split prompts")
+    return loaded.name, random.Random(seed).sample(prompts, min(count, len(prompts)))
+
+
+def list_generators(reg) -> list:
+    """All stored generator artifacts (every type ``generator-*``), oldest first."""
+    return reg.list_artifacts("generator-")
