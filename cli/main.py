@@ -9,7 +9,7 @@ from cli import registry_commands  # noqa: F401  (registers commands)
 from cli.app import app
 
 COMMAND_MODULES = ("cli.harvest_commands", "cli.generate_commands", "cli.retrieval_commands",
-                   "cli.serve_commands")
+                   "cli.serve_commands", "cli.bench_commands")
 
 
 def _register_optional_modules() -> None:

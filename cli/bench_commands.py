@@ -1,0 +1,109 @@
+"""``registry bench`` (the full comparison) and ``registry demo`` (the README's main job)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.app import HomeOption, JsonOption, app, console, open_registry, print_json, progress
+
+# The demo's small zoo: four quick training tasks and one task the generator never sees.
+DEMO_TRAINING_TASKS = ("add_sub", "letter_count", "larger_choice", "ja_kanji_numbers")
+DEMO_HELD_OUT = "leg_count"
+DEMO_STEPS = 60
+DEMO_KEEP = 5
+
+
+def default_held_out(tasks: list[str], count: int) -> list[str]:
+    """``count`` tasks spread evenly over the sorted harvested tasks (deterministic)."""
+    if len(tasks) <= count:
+        return list(tasks)
+    step = len(tasks) / count
+    return [tasks[int(i * step + step / 2)] for i in range(count)]
+
+
+def _print_report(paths: dict[str, Path], json_output: bool) -> None:
+    if json_output:
+        print_json({k: str(v) for k, v in paths.items()})
+        return
+    from rich.markdown import Markdown
+
+    out = console()
+    out.print(Markdown(paths["markdown"].read_text(encoding="utf-8")))
+    out.print(f"report: {paths['markdown']}  (JSON {paths['json']}, plots {paths['accuracy_plot']}, "
+              f"{paths['time_plot']})")
+
+
+def _run(reg, settings, out: Path):
+    from evaluation.compare import run_bench
+
+    with progress() as bar:
+        task_id = bar.add_task("bench", total=len(settings.held_out) * len(settings.methods), status="")
+        return run_bench(reg, settings, out,
+                         on_status=lambda text: bar.update(task_id, status=text[:60]),
+                         on_progress=lambda done, total: bar.update(task_id, completed=done, total=total))
+
+
+@app.command()
+def bench(
+    held_out: Annotated[Optional[str], typer.Option("--held-out", help="Comma-separated held-out tasks (default: 4 spread over the harvested zoo).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Small run: 2 tasks, 30 test items, short generator training.")] = False,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated subset of base,oracle,training_mean,selection,mixture,fusion,dnd,cvae.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Test items per task (default: all; 30 with --quick).")] = None,
+    generator_steps: Annotated[Optional[int], typer.Option("--generator-steps", help="DnD training steps.")] = None,
+    k: Annotated[int, typer.Option("-k", help="Adapters retrieved and composed per task.")] = 3,
+    out: Annotated[Path, typer.Option("--out", help="Report folder (rows are cached here; rerun to resume).")] = Path("reports/bench"),
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+):
+    """Compare base, oracle, training-adapter mean, retrieval+composition and generation on held-out tasks."""
+    from evaluation.compare import ALL_METHODS, BenchSettings, harvested_tasks
+
+    with open_registry(home) as reg:
+        tasks = harvested_tasks(reg)
+        chosen = held_out.split(",") if held_out else default_held_out(tasks, 2 if quick else 4)
+        settings = BenchSettings(held_out=chosen, methods=methods.split(",") if methods else list(ALL_METHODS), k=k)
+        if quick:
+            settings.limit, settings.generator_steps, settings.training_mean_max = 30, 150, 4
+        if limit is not None:
+            settings.limit = limit
+        if generator_steps is not None:
+            settings.generator_steps = generator_steps
+        paths = _run(reg, settings, out)
+    _print_report(paths, json_output)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("reports/demo"),
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+):
+    """The whole story on the embedded defaults: harvest a small zoo, train the generator, generate and
+    retrieve+compose an adapter for an unseen task, evaluate both, print the comparison."""
+    from evaluation.compare import BenchSettings
+    from harvest.service import harvest_task, resolve_task, sample_prompts
+    from harvest.train import HarvestConfig
+
+    out_console = console()
+    with open_registry(home) as reg:
+        out_console.print(f"registry home: {reg.home}")
+        config = HarvestConfig(steps=DEMO_STEPS, n_checkpoints=DEMO_KEEP)
+        with progress() as bar:
+            for name in DEMO_TRAINING_TASKS:
+                task_id = bar.add_task(f"harvest {name}", total=config.steps, status="")
+                summary = harvest_task(reg, resolve_task(name), config=config,
+                                       on_step=lambda s, loss, t=task_id: bar.update(t, completed=s, status=f"loss {loss:.3f}"))
+                bar.update(task_id, completed=config.steps,
+                           status="already harvested" if summary.skipped else f"{len(summary.refs)} checkpoints")
+        held_out = resolve_task(DEMO_HELD_OUT)
+        hits = reg.search(sample_prompts(held_out), k=3, kind="harvested")
+        out_console.print(f"nearest harvested adapters for the unseen task {held_out.name!r}: "
+                          + ", ".join(f"{h.adapter.ref} ({h.adapter.task}, {h.score:.2f})" for h in hits))
+        settings = BenchSettings(held_out=[held_out.name], methods=["base", "selection", "mixture", "dnd"],
+                                 limit=50, generator_steps=150, generator_batch_size=4)
+        paths = _run(reg, settings, out)
+    _print_report(paths, json_output)
+    out_console.print(f"registry: {reg.home}")

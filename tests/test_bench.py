@@ -1,0 +1,39 @@
+"""`registry bench` end to end on the tiny llama: harvest three zoo tasks, hold one out, compare."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_bench_end_to_end_and_resume(cli, tiny_base_dir, tmp_path, registry_home):
+    from harvest.service import harvest_task, resolve_task
+    from harvest.train import HarvestConfig
+    from registry.store import Registry
+
+    config = HarvestConfig(steps=3, n_checkpoints=2, batch_size=4, rank=4, target_modules=("q_proj", "v_proj"))
+    with Registry.open(registry_home) as reg:
+        for name in ("add_sub", "letter_count", "larger_choice"):
+            harvest_task(reg, resolve_task(name), base=str(tiny_base_dir), config=config)
+    out = tmp_path / "report"
+    args = ["bench", "--held-out", "larger_choice", "--methods", "base,oracle,training_mean,mixture,fusion,dnd",
+            "--limit", "3", "--generator-steps", "2", "-k", "2", "--out", out, "--json"]
+    code, stdout, err = cli(*args)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    methods = {row["method"]: row for row in report["rows"]}
+    assert set(methods) == {"base", "oracle", "training_mean", "mixture", "fusion", "dnd"}
+    assert all(row["n"] == 3 and 0 <= row["accuracy"] <= 1 for row in methods.values())
+    assert methods["training_mean"]["extra"]["adapters"] == ["add_sub@2", "letter_count@2"]
+    assert methods["mixture"]["seconds_to_adapter"] > 0 and methods["dnd"]["adapter_ref"].startswith("bench-larger_choice-dnd@")
+    with Registry.open(registry_home) as reg:
+        composed = reg.resolve(methods["mixture"]["adapter_ref"])
+        assert composed.kind == "composed" and all(not p["ref"].startswith("larger_choice") for p in composed.parents)
+        generator = reg.latest_artifact("generator-dnd")
+        assert "larger_choice" not in generator.meta["tasks"]
+    assert (out / "accuracy.png").exists() and (out / "time_vs_accuracy.png").exists()
+    # A rerun resumes from the cached rows: nothing new is stored.
+    with Registry.open(registry_home) as reg:
+        before = [a.ref for a in reg.list_adapters()]
+    assert cli(*args)[0] == 0
+    with Registry.open(registry_home) as reg:
+        assert [a.ref for a in reg.list_adapters()] == before
