@@ -339,6 +339,23 @@ def svd_factors(delta: torch.Tensor, rank: int, clamp: float | None = None) -> t
     return vh, u
 
 
+def low_rank_svd_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``svd_factors(lora_b @ lora_a, rank)`` without forming ΔW: A (R, in), B (out, R) with R small.
+
+    ΔW = B A has rank <= R, so QR both factors and take the SVD of the small (R, R) core:
+    B = Qb Rb, Aᵀ = Qa Ra  =>  ΔW = Qb (Rb Raᵀ) Qaᵀ = (Qb U) S (Vh Qaᵀ).
+    """
+    q_b, r_b = torch.linalg.qr(lora_b)  # (out, R), (R, R)
+    q_a, r_a = torch.linalg.qr(lora_a.T)  # (in, R), (R, R)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # (R, R) each
+    left = (q_b @ u)[:, :rank] * s[:rank]  # (out, r): U S
+    right = (vh @ q_a.T)[:rank, :]  # (r, in): Vh
+    if left.shape[1] < rank:  # fewer singular directions than rank: pad with zeros
+        left = torch.nn.functional.pad(left, (0, rank - left.shape[1]))
+        right = torch.nn.functional.pad(right, (0, 0, 0, rank - right.shape[0]))
+    return right, left
+
+
 # --- the entry point ------------------------------------------------------------------------------
 
 
@@ -409,6 +426,9 @@ def compose_adapters(
                 lora_a, lora_b = fusion_factors(factors, weights, scalings)
             elif strategy in FACTOR_MERGES:
                 lora_a, lora_b = factor_merge(factors, coefficients, strategy, density, majority_sign_method)
+            elif strategy == "svd" and svd_clamp is None:
+                # the weighted sum is B_cat A_cat exactly: truncate it without forming ΔW
+                lora_a, lora_b = low_rank_svd_factors(*mixture_factors(factors, coefficients), new_rank)
             else:
                 # full ΔW per adapter (scaling applied), merged, then truncated SVD
                 deltas = [s * (b @ a) for (a, b), s in zip(factors, scalings)]
