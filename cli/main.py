@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import sys
 
-from cli import registry_commands  # noqa: F401  (registers commands)
+from cli import (  # noqa: F401  (each module registers its commands on the app)
+    bench_commands,
+    generate_commands,
+    harvest_commands,
+    registry_commands,
+    retrieval_commands,
+    serve_commands,
+)
 from cli.app import app
-
-COMMAND_MODULES = ("cli.harvest_commands", "cli.generate_commands", "cli.retrieval_commands",
-                   "cli.serve_commands", "cli.bench_commands")
-
-
-def _register_optional_modules() -> None:
-    import importlib
-    import importlib.util
-
-    for module in COMMAND_MODULES:
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-
-
-_register_optional_modules()
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from http.client import HTTPException
 from pathlib import Path
 from urllib.parse import quote
 
+from registry.blobs import atomic_write
 from registry.errors import IntegrityError, NotFound, RegistryError
 from registry.refs import parse_ref, validate_name
 
@@ -115,7 +116,7 @@ def fetch_adapter(base_url: str, ref: str, cache_dir: str | os.PathLike | None =
     if record is None:
         record = _download(http, cache, expected)
     if immutable:
-        _write_atomic(ref_file, json.dumps({"digest": digest}).encode())
+        atomic_write(ref_file, json.dumps({"digest": digest}).encode())
     return _fetched(cache, record, from_cache=from_cache, requests=http.requests)
 
 
@@ -369,18 +370,6 @@ def _write_file(path: Path, data: bytes) -> None:
         out.write(data)
         out.flush()
         os.fsync(out.fileno())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(path: Path) -> None:
