@@ -1,4 +1,4 @@
-"""Commands of the DnD generator: train-generator, generate, generators.
+"""Commands of the generators (DnD, ICM-LoRA CVAE): train-generator, generate, regenerate, generators.
 
 Each parses, calls one function of ``generator.service``, prints. torch and the encoder are
 imported inside the command bodies so ``registry --help`` stays fast.
@@ -14,6 +14,10 @@ from cli.app import HomeOption, JsonOption, PromptsOption, app, console, open_re
 
 TasksOption = Annotated[list[str], typer.Option("--tasks", help="Train only on these tasks (repeatable).")]
 ExcludeOption = Annotated[list[str], typer.Option("--exclude-tasks", help="Hold these tasks out (repeatable).")]
+# CVAE-only options (None: the service's default); refused with --arch dnd.
+CVAE_CLI_OPTIONS = {"latent_dim": "--latent-dim", "positions": "--positions", "flat_channels": "--flat-channels",
+                    "cond_embed": "--cond-embed", "kl_weight": "--kl-weight", "center": "--center",
+                    "max_length": "--max-length"}
 
 
 def _seconds(value: float) -> str:
@@ -24,40 +28,61 @@ def _seconds(value: float) -> str:
 def train_generator(
     tasks: TasksOption = [],
     exclude_tasks: ExcludeOption = [],
+    arch: Annotated[str, typer.Option(help="Generator architecture: dnd (Drag-and-Drop) or cvae (ICM-LoRA).")] = "dnd",
     steps: Annotated[int, typer.Option(help="Training steps (a rerun with more steps continues).")] = 2000,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="(checkpoint, N prompts) pairs per step.")] = 8,
-    n_prompts: Annotated[int, typer.Option("--n-prompts", help="N: prompts per condition.")] = 16,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="L: encoder tokens kept per prompt.")] = 64,
-    layers: Annotated[int, typer.Option("--layers", help="Hyper-convolutional layers.")] = 4,
-    kernel: Annotated[int, typer.Option(help="Convolution kernel size (odd).")] = 5,
-    hidden_tokens: Annotated[int, typer.Option("--hidden-tokens", help="Largest N before the last layer.")] = 64,
-    spread_weighting: Annotated[bool, typer.Option(help="Weight the loss per token by 1/spread across checkpoints (DnD).")] = False,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Pairs per step: (checkpoint, N prompts) for dnd (default 8), (checkpoint, task vector) for cvae (default 4).")] = None,
+    n_prompts: Annotated[int, typer.Option("--n-prompts", help="dnd: N, prompts per condition.")] = 16,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="dnd: L, encoder tokens kept per prompt.")] = 64,
+    layers: Annotated[int, typer.Option("--layers", help="dnd: hyper-convolutional layers.")] = 4,
+    kernel: Annotated[int, typer.Option(help="dnd: convolution kernel size (odd).")] = 5,
+    hidden_tokens: Annotated[int, typer.Option("--hidden-tokens", help="dnd: largest N before the last layer.")] = 64,
+    spread_weighting: Annotated[bool, typer.Option(help="dnd: weight the loss per token by 1/spread across checkpoints.")] = False,
+    latent_dim: Annotated[Optional[int], typer.Option("--latent-dim", help="cvae: latent size Z (default 256).")] = None,
+    positions: Annotated[Optional[int], typer.Option("--positions", help="cvae: target length P after the conv stack (default 512).")] = None,
+    flat_channels: Annotated[Optional[int], typer.Option("--flat-channels", help="cvae: channels F_c flattened into the latent heads (default 4).")] = None,
+    cond_embed: Annotated[Optional[int], typer.Option("--cond-embed", help="cvae: projected task-vector size E (default 128).")] = None,
+    kl_weight: Annotated[Optional[float], typer.Option("--kl-weight", help="cvae: weight of the KL term (default 1e-3).")] = None,
+    center: Annotated[Optional[str], typer.Option(help="cvae: normaliser centring, element (default; stores the mean adapter) or token (smaller).")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="cvae: prompt tokens kept for the task vector (default 512).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and sampling.")] = 0,
     save_every: Annotated[int, typer.Option("--save-every", help="Save the training state every M steps.")] = 100,
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Only adapters of this base model.")] = None,
-    name: Annotated[str, typer.Option(help="Artifact name (a new version each time).")] = "dnd",
+    name: Annotated[Optional[str], typer.Option(help="Artifact name, a new version each time (default: the arch).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: CUDA when present).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Discard saved training state and start over.")] = False,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
-    """Train a DnD generator on the harvested adapters and store it as a versioned artifact."""
-    from generator.service import train_generator_from_registry
+    """Train a generator (DnD, or with --arch cvae the ICM-LoRA CVAE) on the harvested adapters and
+    store it as a versioned artifact."""
+    from generator.service import ARCHES, train_generator_from_registry
+    from registry.errors import RegistryError
 
+    if arch not in ARCHES:
+        raise RegistryError(f"--arch must be one of {', '.join(ARCHES)}, not {arch!r}")
+    given = {"latent_dim": latent_dim, "positions": positions, "flat_channels": flat_channels,
+             "cond_embed": cond_embed, "kl_weight": kl_weight, "center": center, "max_length": max_length}
+    given = {k: v for k, v in given.items() if v is not None}
+    if arch == "cvae":
+        options = {**given, "seed": seed, "save_every": save_every, "base_model": base_model}
+    else:
+        if given:
+            raise RegistryError(f"{', '.join(CVAE_CLI_OPTIONS[k] for k in given)} only apply to --arch cvae")
+        options = dict(n_prompts=n_prompts, prompt_tokens=prompt_tokens, n_layers=layers, kernel=kernel,
+                       hidden_tokens=hidden_tokens, spread_weighting=spread_weighting, seed=seed,
+                       save_every=save_every, base_model=base_model)
     err = console_err()
     with open_registry(home) as reg, progress() as bar:
-        task_id = bar.add_task("train-generator", total=steps, status="starting")
+        task_id = bar.add_task(f"train-generator ({arch})", total=steps, status="starting")
 
         def on_step(step: int, total: int, loss: float):
             bar.update(task_id, completed=step, total=total, status=f"loss {loss:.4f}")
 
         info = train_generator_from_registry(
             reg, name=name, tasks=tasks or None, exclude_tasks=exclude_tasks, steps=steps, lr=lr,
-            batch_size=batch_size, n_prompts=n_prompts, device=device, on_step=on_step, resume=not fresh,
-            on_status=lambda message: bar.update(task_id, status=message),
-            prompt_tokens=prompt_tokens, n_layers=layers, kernel=kernel, hidden_tokens=hidden_tokens,
-            spread_weighting=spread_weighting, seed=seed, save_every=save_every, base_model=base_model)
+            batch_size=batch_size, device=device, on_step=on_step, resume=not fresh,
+            on_status=lambda message: bar.update(task_id, status=message), arch=arch, **options)
         bar.update(task_id, completed=steps)
     if json_output:
         print_json(info.to_dict())
@@ -80,13 +105,13 @@ def generate(
     name: Annotated[str, typer.Option(help="Name of the new adapter.")],
     prompts: PromptsOption = None,
     task: Annotated[Optional[str], typer.Option(help="Take prompts from a task: a zoo task name or a task .jsonl file.")] = None,
-    generator: Annotated[Optional[str], typer.Option(help="Generator artifact REF (default: the latest DnD generator).")] = None,
+    generator: Annotated[Optional[str], typer.Option(help="Generator artifact REF, DnD or CVAE (default: the latest DnD generator).")] = None,
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Refuse unless the generator targets this base model.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda (default: CUDA when present).")] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
-    """Generate an adapter from prompts with a trained DnD generator and print its REF."""
+    """Generate an adapter from prompts with a trained generator (DnD or CVAE) and print its REF."""
     from generator.service import generate_adapter, task_prompts
     from registry.errors import RegistryError
     from registry.prompts import read_prompts_file
@@ -107,10 +132,32 @@ def generate(
     console().print(f"generated [bold]{info.ref}[/bold] sha256:{info.digest}", soft_wrap=True)
     console_err().print(
         f"{len(prompt_list)} prompts -> {timings['generator']} on {timings['device']}: "
-        f"load generator {_seconds(timings['load_s'])}, encoder {_seconds(timings['encoder_s'])}, "
-        f"embed {_seconds(timings['embed_s'])}, "
+        f"load generator {_seconds(timings['load_s'])}, "
+        f"{'base model' if timings.get('arch') == 'cvae' else 'encoder'} {_seconds(timings['encoder_s'])}, "
+        f"{'task vector' if timings.get('arch') == 'cvae' else 'embed'} {_seconds(timings['embed_s'])}, "
         f"decode {_seconds(timings['decode_s'])}, store {_seconds(timings['store_s'])}; "
         f"total {_seconds(timings['total_s'])}", soft_wrap=True)
+
+
+@app.command()
+def regenerate(
+    task: Annotated[str, typer.Argument(help="A task the CVAE generator was trained on.")],
+    name: Annotated[str, typer.Option(help="Name of the new adapter.")],
+    generator: Annotated[Optional[str], typer.Option(help="CVAE generator artifact REF (default: the latest).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda (default: CUDA when present).")] = None,
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+):
+    """Re-create a training task's adapter from a CVAE generator's stored task vector and store it."""
+    from generator.service import regenerate_adapter
+
+    with open_registry(home) as reg:
+        info = regenerate_adapter(reg, generator, task, name, device=device)
+    if json_output:
+        print_json(info.to_dict())
+        return
+    console().print(f"regenerated [bold]{info.ref}[/bold] sha256:{info.digest} (task {task}, "
+                    f"from {info.recipe['generator']})", soft_wrap=True)
 
 
 @app.command()
