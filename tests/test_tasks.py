@@ -1,0 +1,179 @@
+"""Task files (validation, metadata, splits) and the built-in zoo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harvest import zoo
+from harvest.tasks import TaskError, load_task_file, split_by_hash, Example
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(json.dumps(line, ensure_ascii=False) for line in lines) + "\n", encoding="utf-8")
+    return path
+
+
+def items(n):
+    return [{"prompt": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(n)]
+
+
+# ------------------------------------------------------------------------------- validation
+
+
+def test_missing_key(tmp_path):
+    path = write_lines(tmp_path / "t.jsonl", [{"prompt": "a", "answer": "b"}, {"prompt": "c"}])
+    with pytest.raises(TaskError, match=r"t\.jsonl:2: missing key 'answer'"):
+        load_task_file(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\t\n"])
+def test_empty_or_blank_file(tmp_path, content):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(TaskError, match="no items"):
+        load_task_file(path)
+
+
+def test_invalid_utf8(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"prompt": "ok", "answer": "1"}\n{"prompt": "\xff\xfe", "answer": "2"}\n')
+    with pytest.raises(TaskError, match=r":2: invalid UTF-8"):
+        load_task_file(path)
+
+
+def test_invalid_json(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"prompt": "ok", "answer": "1"}\n{"prompt": oops}\n')
+    with pytest.raises(TaskError, match=r":2: not valid JSON"):
+        load_task_file(path)
+
+
+@pytest.mark.parametrize("bad", [{"prompt": 3, "answer": "x"}, {"prompt": "x", "answer": 3},
+                                 {"prompt": "x", "answer": None}, {"prompt": ["x"], "answer": "y"}])
+def test_non_string_values(tmp_path, bad):
+    path = write_lines(tmp_path / "t.jsonl", [bad])
+    with pytest.raises(TaskError, match="must be a string"):
+        load_task_file(path)
+
+
+def test_unknown_metric_everywhere(tmp_path):
+    path = write_lines(tmp_path / "t.jsonl", items(5))
+    with pytest.raises(TaskError, match="unknown metric 'bleu'"):
+        load_task_file(path, metric="bleu")
+    (tmp_path / "t.jsonl.meta.json").write_text(json.dumps({"metric": "rouge"}))
+    with pytest.raises(TaskError, match="unknown metric 'rouge'"):
+        load_task_file(path)
+    header = write_lines(tmp_path / "h.jsonl", [{"_task": {"metric": "f1"}}] + items(5))
+    with pytest.raises(TaskError, match="unknown metric 'f1'"):
+        load_task_file(header)
+
+
+def test_error_messages_are_one_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\xff\n")
+    with pytest.raises(TaskError) as info:
+        load_task_file(path)
+    assert "\n" not in str(info.value)
+
+
+def test_not_an_object_and_bad_split(tmp_path):
+    path = write_lines(tmp_path / "t.jsonl", [["prompt", "answer"]])
+    with pytest.raises(TaskError, match="JSON object"):
+        load_task_file(path)
+    path = write_lines(tmp_path / "s.jsonl", [{"prompt": "a", "answer": "b", "split": "dev"}])
+    with pytest.raises(TaskError, match="'split' must be"):
+        load_task_file(path)
+
+
+# ------------------------------------------------------------------------------- metadata and splits
+
+
+def test_user_task_with_sidecar(tmp_path):
+    path = write_lines(tmp_path / "plus.jsonl", items(50))
+    (tmp_path / "plus.jsonl.meta.json").write_text(
+        json.dumps({"name": "plus-one", "description": "Add one.", "metric": "numeric"}))
+    task = load_task_file(path)
+    assert (task.name, task.metric, task.description) == ("plus-one", "numeric", "Add one.")
+    assert len(task.train) + len(task.test) == 50
+    assert len(task.test) == 10
+    assert not {e.prompt for e in task.train} & {e.prompt for e in task.test}
+
+
+def test_user_task_with_header_and_defaults(tmp_path):
+    path = write_lines(tmp_path / "hdr.jsonl", [{"_task": {"name": "h", "metric": "contains"}}] + items(10))
+    task = load_task_file(path)
+    assert (task.name, task.metric) == ("h", "contains")
+    plain = load_task_file(write_lines(tmp_path / "plain.jsonl", items(10)))
+    assert (plain.name, plain.metric, plain.description) == ("plain", "exact", "")
+    assert load_task_file(path, name="override").name == "override"
+
+
+def test_split_is_deterministic_and_order_independent(tmp_path):
+    lines = items(40)
+    a = load_task_file(write_lines(tmp_path / "a.jsonl", lines))
+    b = load_task_file(write_lines(tmp_path / "b.jsonl", list(reversed(lines))))
+    assert {e.prompt for e in a.test} == {e.prompt for e in b.test}
+    assert {e.prompt for e in a.test} != {e.prompt for e in load_task_file(tmp_path / "a.jsonl", seed=1).test}
+
+
+def test_duplicate_prompts_stay_in_one_split():
+    examples = [Example("same", "1"), Example("same", "2")] + [Example(f"p{i}", "x") for i in range(20)]
+    train, test = split_by_hash(examples, 0.3)
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
+
+
+def test_explicit_split_tags(tmp_path):
+    lines = [dict(item, split="test" if i < 3 else "train") for i, item in enumerate(items(10))]
+    task = load_task_file(write_lines(tmp_path / "t.jsonl", lines))
+    assert len(task.test) == 3 and len(task.train) == 7
+    lines[5].pop("split")
+    with pytest.raises(TaskError, match="some lines but not all"):
+        load_task_file(write_lines(tmp_path / "u.jsonl", lines))
+
+
+# ------------------------------------------------------------------------------- zoo
+
+
+def test_zoo_size_and_splits():
+    infos = zoo.list_zoo()
+    names = [info.name for info in infos]
+    assert len(infos) >= 24 and len(set(names)) == len(names)
+    assert {info.metric for info in infos} <= {"exact", "numeric", "choice", "contains"}
+    assert any(info.language == "ja" for info in infos)
+    for name in names:
+        task = zoo.load_zoo_task(name)
+        assert len(task.test) >= 100, name
+        assert len(task.train) >= 200, name
+        assert not {e.prompt for e in task.train} & {e.prompt for e in task.test}, name
+        assert all(e.prompt.strip() and e.answer.strip() for e in task.train + task.test), name
+        assert max(len(e.prompt) for e in task.train) <= zoo.MAX_PROMPT_CHARS, name
+
+
+def test_zoo_is_deterministic():
+    first = zoo.load_zoo_task("spell_backward")
+    zoo._build.cache_clear()
+    second = zoo.load_zoo_task("spell_backward")
+    assert first.train == second.train and first.test == second.test
+
+
+def test_zoo_answers_are_right():
+    for example in zoo.load_zoo_task("ja_kanji_numbers").test[:20]:
+        assert zoo.int_to_kanji(int(example.answer)) in example.prompt
+    for example in zoo.load_zoo_task("larger_choice").test[:20]:
+        a, b = (int(x) for x in example.prompt.replace("(A) ", "").replace("(B) ", "").split("? ")[1].split())
+        assert example.answer == ("A" if a > b else "B")
+
+
+def test_unknown_zoo_task():
+    with pytest.raises(TaskError, match="unknown zoo task"):
+        zoo.load_zoo_task("nope")
+
+
+def test_export_round_trip(tmp_path):
+    path = zoo.export_task("word_reversal", tmp_path / "wr.jsonl")
+    again = load_task_file(path)
+    original = zoo.load_zoo_task("word_reversal")
+    assert again.name == "word_reversal" and again.metric == original.metric
+    assert again.train == original.train and again.test == original.test
