@@ -55,11 +55,11 @@ class Adapter(Base):
     encoder: Mapped[str | None] = mapped_column(String(512))
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # mean prompt embedding, float32
 
-    tags: Mapped[list["AdapterTag"]] = relationship(cascade="all, delete-orphan", lazy="selectin")
+    tags: Mapped[list["AdapterTag"]] = relationship(cascade="all, delete-orphan")
     prompts: Mapped[list["Prompt"]] = relationship(cascade="all, delete-orphan",
                                                    order_by="Prompt.position", lazy="select")
     parents: Mapped[list["Lineage"]] = relationship(foreign_keys="Lineage.child_id",
-                                                    cascade="all, delete-orphan", lazy="selectin")
+                                                    cascade="all, delete-orphan")
 
     @property
     def ref(self) -> str:

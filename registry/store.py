@@ -119,7 +119,7 @@ class DoctorReport:
         return not self.problems
 
 
-def _info(row: Adapter, aliases: list[str]) -> AdapterInfo:
+def _info(row: Adapter, tags: list[str], parents: list[dict], aliases: list[str]) -> AdapterInfo:
     return AdapterInfo(
         id=row.id, name=row.name, version=row.version, kind=row.kind, base_model=row.base_model,
         base_fingerprint=row.base_fingerprint, rank=row.rank, alpha=row.alpha,
@@ -129,9 +129,28 @@ def _info(row: Adapter, aliases: list[str]) -> AdapterInfo:
         config_sha256=row.config_sha256, digest=row.digest, size_bytes=row.size_bytes,
         created_at=row.created_at, removed=row.removed_at is not None, metrics=dict(row.metrics or {}),
         recipe=dict(row.recipe or {}), encoder=row.encoder,
-        tags=sorted(t.tag for t in row.tags), aliases=sorted(aliases),
-        parents=[{"ref": p.parent_ref, "weight": p.weight} for p in sorted(row.parents, key=lambda p: p.position)],
+        tags=sorted(tags), aliases=sorted(aliases), parents=parents,
     )
+
+
+def _infos(session: Session, rows: Sequence[Adapter]) -> list[AdapterInfo]:
+    """AdapterInfo for many rows, with their tags, lineage and aliases read in three light queries."""
+    ids = [row.id for row in rows]
+    tags: dict[int, list[str]] = {i: [] for i in ids}
+    parents: dict[int, list[dict]] = {i: [] for i in ids}
+    aliases: dict[int, list[str]] = {i: [] for i in ids}
+    if ids:
+        for adapter_id, tag in session.execute(select(AdapterTag.adapter_id, AdapterTag.tag)
+                                               .where(AdapterTag.adapter_id.in_(ids))):
+            tags[adapter_id].append(tag)
+        for child_id, ref, weight in session.execute(
+                select(Lineage.child_id, Lineage.parent_ref, Lineage.weight)
+                .where(Lineage.child_id.in_(ids)).order_by(Lineage.child_id, Lineage.position)):
+            parents[child_id].append({"ref": ref, "weight": weight})
+        for adapter_id, alias in session.execute(select(Alias.adapter_id, Alias.alias)
+                                                 .where(Alias.adapter_id.in_(ids))):
+            aliases[adapter_id].append(alias)
+    return [_info(row, tags[row.id], parents[row.id], aliases[row.id]) for row in rows]
 
 
 def _artifact_info(row: Artifact) -> ArtifactInfo:
@@ -224,14 +243,10 @@ class Registry:
             raise NotFound(f"no adapter matches {parsed}")
         return row
 
-    def _aliases_of(self, session: Session, adapter_id: int) -> list[str]:
-        return list(session.scalars(select(Alias.alias).where(Alias.adapter_id == adapter_id)))
-
     def resolve(self, ref: str) -> AdapterInfo:
         """The adapter version a REF points at now."""
         with self.session() as session:
-            row = self._resolve_row(session, ref)
-            return _info(row, self._aliases_of(session, row.id))
+            return _infos(session, [self._resolve_row(session, ref)])[0]
 
     # -- adding ---------------------------------------------------------------------------------
     def add_directory(self, path: str | os.PathLike, *, name: str | None = None, kind: str = "imported",
@@ -323,7 +338,7 @@ class Registry:
                     row.version = (latest or 0) + 1
                     session.add(row)
                     session.flush()
-                    return _info(row, [])
+                    return _infos(session, [row])[0]
             except SQLIntegrityError:
                 continue
         raise RegistryError(f"could not allocate a version for {row.name}: too many concurrent writers")
@@ -348,11 +363,7 @@ class Registry:
                 query = query.where(Adapter.name == name)
             if tag:
                 query = query.join(AdapterTag).where(AdapterTag.tag == tag)
-            rows = session.scalars(query).all()
-            aliases: dict[int, list[str]] = {}
-            for adapter_id, alias in session.execute(select(Alias.adapter_id, Alias.alias)):
-                aliases.setdefault(adapter_id, []).append(alias)
-            return [_info(r, aliases.get(r.id, [])) for r in rows]
+            return _infos(session, session.scalars(query).all())
 
     def prompts(self, ref: str) -> list[str]:
         with self.session() as session:
@@ -464,7 +475,7 @@ class Registry:
             else:
                 existing.adapter_id, existing.updated_at = row.id, utc_now()
             session.flush()
-            return _info(row, self._aliases_of(session, row.id))
+            return _infos(session, [row])[0]
 
     def update_metrics(self, ref: str, metrics: dict) -> AdapterInfo:
         """Merge ``metrics`` into the adapter's free-form metrics (JSON)."""
@@ -472,7 +483,7 @@ class Registry:
             row = self._resolve_row(session, ref)
             row.metrics = {**(row.metrics or {}), **metrics}
             session.flush()
-            return _info(row, self._aliases_of(session, row.id))
+            return _infos(session, [row])[0]
 
     def remove(self, ref: str) -> AdapterInfo:
         """Remove a version: it stops resolving, its aliases go, lineage that names it stays."""
@@ -483,7 +494,7 @@ class Registry:
                 session.delete(alias)
             still_used = session.scalar(select(func.count()).select_from(Adapter).where(
                 Adapter.weights_sha256 == row.weights_sha256, Adapter.removed_at.is_(None), Adapter.id != row.id))
-            info = _info(row, [])
+            info = _infos(session, [row])[0]
         if not still_used:
             self.blobs.delete(info.weights_sha256)
             shutil.rmtree(self.home / "fetched" / info.digest, ignore_errors=True)
@@ -593,7 +604,7 @@ class Registry:
             with self.session() as session:
                 rows = session.scalars(select(Adapter).where(Adapter.id.in_(hits_by_id),
                                                              Adapter.removed_at.is_(None), *conditions)).all()
-                infos = {r.id: _info(r, []) for r in rows}
+                infos = {info.id: info for info in _infos(session, rows)}
             if len(infos) >= k or fetch_k >= index.index.ntotal:
                 break
             fetch_k *= 4
