@@ -112,7 +112,8 @@ def generate(
     json_output: JsonOption = False,
 ):
     """Generate an adapter from prompts with a trained generator (DnD or CVAE) and print its REF."""
-    from generator.service import generate_adapter, task_prompts
+    from generator.service import generate_adapter
+    from harvest.service import task_prompt_sample
     from registry.errors import RegistryError
     from registry.prompts import read_prompts_file
 
@@ -121,7 +122,7 @@ def generate(
     if prompts is not None:
         task_name, prompt_list = None, read_prompts_file(prompts)
     else:
-        task_name, prompt_list = task_prompts(task)
+        task_name, prompt_list = task_prompt_sample(task)
     timings: dict = {}
     with open_registry(home) as reg:
         info = generate_adapter(reg, prompt_list, name, generator_ref=generator, task=task_name,

@@ -39,6 +39,7 @@ def compose(
     with --from, and store the result as a new `composed` adapter with its lineage."""
     import time
 
+    from harvest.service import task_prompt_sample
     from registry.errors import RegistryError
     from registry.prompts import read_prompts_file
     from retrieval import service
@@ -52,7 +53,7 @@ def compose(
     if from_refs:
         query = None
     elif task is not None:
-        task_name, query = service.task_prompts(task, n_prompts)
+        task_name, query = task_prompt_sample(task, n_prompts)
     else:
         query = read_prompts_file(prompts)
     start = time.perf_counter()

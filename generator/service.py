@@ -71,8 +71,6 @@ GENERATOR_TYPES = (ARTIFACT_TYPE, CVAE_ARTIFACT_TYPE)
 ARCHES = ("dnd", "cvae")
 PEFT_FIELDS = ("r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern")
 MAX_CURVE_POINTS = 200
-TASK_PROMPT_SAMPLE = 32
-TASK_PROMPT_SEED = 0
 
 # Training defaults (CPU-friendly; seed 000 used 10,000 steps at lr 3e-5, batch 8 on an H100).
 DEFAULT_STEPS = 2000
@@ -1203,34 +1201,6 @@ def regenerate_adapter(reg, generator_ref: str | None, task: str, name: str, dev
 
 # -----------------------------------------------------------------------------
 # prompts of a task (for `registry generate --task`)
-
-
-def task_prompts(task: str, count: int = TASK_PROMPT_SAMPLE, seed: int = TASK_PROMPT_SEED) -> tuple[str, list[str]]:
-    """(task name, a fixed random sample of its train-split prompts).
-
-    ``task`` is a zoo task name (``harvest.zoo.load_zoo_task``) or a task JSONL path
-    (``harvest.tasks.load_task_file``).
-    """
-    import importlib
-
-    try:
-        harvest_tasks = importlib.import_module("harvest.tasks")
-        harvest_zoo = importlib.import_module("harvest.zoo")
-    except ImportError as err:
-        raise GeneratorError(f"--task needs the harvest package, which cannot be imported ({err}); "
-                             "use --prompts FILE") from None
-    path = Path(task).expanduser()
-    if task.endswith(".jsonl") or path.is_file():
-        loaded = harvest_tasks.load_task_file(path)
-    else:
-        try:
-            loaded = harvest_zoo.load_zoo_task(task)
-        except KeyError:
-            raise GeneratorError(f"unknown task {task!r}: give a zoo task name or a task .jsonl file") from None
-    prompts = [e.prompt for e in loaded.train]
-    if not prompts:
-        raise GeneratorError(f"task {task} has no train-split prompts")
-    return loaded.name, random.Random(seed).sample(prompts, min(count, len(prompts)))
 
 
 def list_generators(reg) -> list:

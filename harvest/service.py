@@ -59,6 +59,18 @@ def sample_prompts(task: Task, n: int = SAMPLE_PROMPTS, seed: int = 0) -> list[s
     return rng.sample(prompts, min(n, len(prompts)))
 
 
+def task_prompt_sample(spec: str, n: int = 32, seed: int = 0) -> tuple[str, list[str]]:
+    """(task name, ``n`` fixed-sample train prompts) for a zoo name or a .jsonl path: what
+    ``registry generate --task`` and ``registry compose --task`` (and the bench) condition on."""
+    if n < 1:
+        raise TaskError(f"the number of task prompts must be at least 1, got {n}")
+    task = resolve_task(spec)
+    prompts = sample_prompts(task, n, seed)
+    if not prompts:
+        raise TaskError(f"task {task.name} has no train prompts")
+    return task.name, prompts
+
+
 def harvest_id(task: Task, config: HarvestConfig, base_id: str) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({"task": task.name, "config": config.to_dict(), "base": base_id}, sort_keys=True).encode())

@@ -58,7 +58,6 @@ MATCH_MODES = ("layout", "modules", "base")
 WEIGHT_MODES = ("uniform", "softmax")
 PEFT_PREFIX = "base_model.model."
 RECIPE_PROMPTS = 5  # how many query prompts the recipe keeps verbatim (all are stored as prompts)
-TASK_PROMPTS = 32  # train prompts taken from a task for `compose --task`
 
 
 class RetrievalError(RegistryError, ValueError):
@@ -439,25 +438,6 @@ def _harvest(module: str):
     except ModuleNotFoundError as err:
         raise RegistryError(f"this needs the harvest package (harvest.{module}), which is not available: "
                             f"{err}; give prompts with --prompts FILE instead") from None
-
-
-def load_task(spec: str):
-    """A task by zoo name, or from a task ``.jsonl`` file (a path that exists or ends in ``.jsonl``)."""
-    path = Path(spec).expanduser()
-    if spec.endswith(".jsonl") or path.is_file():
-        return _harvest("tasks").load_task_file(path)
-    return _harvest("zoo").load_zoo_task(spec)
-
-
-def task_prompts(spec: str, n: int = TASK_PROMPTS, split: str = "train") -> tuple[str, list[str]]:
-    """``(task name, its first n prompts of split)`` for a zoo task name or a task ``.jsonl`` file."""
-    if n < 1:
-        raise RetrievalError(f"the number of task prompts must be at least 1, got {n}")
-    task = load_task(spec)
-    prompts = task.prompts(split)[:n]
-    if not prompts:
-        raise RetrievalError(f"task {task.name} has no {split} prompts")
-    return task.name, prompts
 
 
 # --- routing: mixed-task batches -----------------------------------------------------------------------
