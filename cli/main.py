@@ -25,6 +25,12 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
+    # Known-harmless library chatter: PEFT notes that we load adapters onto the converted local copy
+    # of the base model; transformers deprecates a name PEFT still calls.
+    warnings.filterwarnings("ignore", message=r".*base_model_name_or_path.*was renamed")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
     try:
         app()
