@@ -11,7 +11,7 @@ from cli.app import HomeOption, JsonOption, app, console, open_registry, print_j
 
 # The demo's small zoo: four quick training tasks and one task the generator never sees.
 DEMO_TRAINING_TASKS = ("add_sub", "letter_count", "larger_choice", "ja_kanji_numbers")
-DEMO_HELD_OUT = "leg_count"
+DEMO_HELD_OUT = "ja_fullwidth_arith"
 DEMO_STEPS = 60
 DEMO_KEEP = 5
 
@@ -98,8 +98,10 @@ def demo(
                                        on_step=lambda s, loss, t=task_id: bar.update(t, completed=s, status=f"loss {loss:.3f}"))
                 bar.update(task_id, completed=config.steps,
                            status="already harvested" if summary.skipped else f"{len(summary.refs)} checkpoints")
+        from retrieval.service import retrieve
+
         held_out = resolve_task(DEMO_HELD_OUT)
-        hits = reg.search(sample_prompts(held_out), k=3, kind="harvested")
+        hits = retrieve(reg, sample_prompts(held_out), k=3, kind="harvested", one_per_task=True)
         out_console.print(f"nearest harvested adapters for the unseen task {held_out.name!r}: "
                           + ", ".join(f"{h.adapter.ref} ({h.adapter.task}, {h.score:.2f})" for h in hits))
         settings = BenchSettings(held_out=[held_out.name], methods=["base", "selection", "mixture", "dnd"],

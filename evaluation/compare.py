@@ -106,7 +106,7 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
         on_status(f"training the DnD generator on {len(training_tasks)} tasks (held out: {', '.join(settings.held_out)})")
         start = time.perf_counter()
         artifact = train_generator_from_registry(
-            reg, name="bench-dnd", exclude_tasks=settings.held_out, tasks=training_tasks,
+            reg, name="bench-dnd", exclude_tasks=[t for t in settings.held_out if t in zoo], tasks=training_tasks,
             steps=settings.generator_steps, batch_size=settings.generator_batch_size, n_prompts=16,
             seed=settings.seed, on_status=on_status)
         generator_ref = artifact.ref
