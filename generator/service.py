@@ -45,7 +45,6 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import shutil
 import threading
 import time
@@ -576,17 +575,12 @@ def resolve_any_generator(reg, generator_ref: str | None = None):
     return info
 
 
-def _build_generator(info, tensors: Mapping, device) -> LoadedGenerator:
-    """Check the artifact's layout, decoder and normaliser agree, then build the decoder."""
-    import torch
+def _checked_layout(info, expected_format: str):
+    """The artifact's stored layout, after checking its format and its layout fingerprint."""
+    from generator.tokenizer import LoraLayout
 
-    from generator.dnd import DnDConfig, DnDDecoder
-    from generator.tokenizer import LoraLayout, TokenNormalizer
-    from generator.training import LayoutMismatch, check_layout
-
-    meta = info.meta
-    bad = f"generator {info.ref} is unusable"
-    if meta.get("format") != ARTIFACT_FORMAT:
+    meta, bad = info.meta, f"generator {info.ref} is unusable"
+    if meta.get("format") != expected_format:
         raise GeneratorError(f"{bad}: unsupported format {meta.get('format')!r}")
     try:
         layout = LoraLayout.from_dict(meta["layout"])
@@ -595,6 +589,31 @@ def _build_generator(info, tensors: Mapping, device) -> LoadedGenerator:
     if layout.fingerprint != meta.get("layout_fingerprint"):
         raise GeneratorLayoutError(f"{bad}: layout {layout.fingerprint[:12]} does not match the recorded "
                                    f"fingerprint {str(meta.get('layout_fingerprint'))[:12]}")
+    return layout
+
+
+def _load_prefixed(model, tensors: Mapping, prefix: str, info, what: str) -> None:
+    """Load the artifact tensors under ``prefix`` into ``model``; a shape mismatch is a layout error."""
+    weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise GeneratorLayoutError(f"generator {info.ref} is unusable: {what} weights do not fit its config "
+                                   f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+
+
+def _build_generator(info, tensors: Mapping, device) -> LoadedGenerator:
+    """Check the artifact's layout, decoder and normaliser agree, then build the decoder."""
+    import torch
+
+    from generator.dnd import DnDConfig, DnDDecoder
+    from generator.tokenizer import TokenNormalizer
+    from generator.training import LayoutMismatch, check_layout
+
+    meta = info.meta
+    bad = f"generator {info.ref} is unusable"
+    layout = _checked_layout(info, ARTIFACT_FORMAT)
     try:
         config = DnDConfig.from_dict(meta["config"])
         model = DnDDecoder(config)
@@ -603,13 +622,7 @@ def _build_generator(info, tensors: Mapping, device) -> LoadedGenerator:
         raise GeneratorLayoutError(f"{bad}: {err}") from None
     except (KeyError, TypeError, ValueError) as err:
         raise GeneratorError(f"{bad}: invalid decoder config ({err})") from None
-    decoder = {k[len(DECODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(DECODER_PREFIX)}
-    try:
-        model.load_state_dict(decoder)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise GeneratorLayoutError(f"{bad}: decoder weights do not fit its config "
-                                   f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    _load_prefixed(model, tensors, DECODER_PREFIX, info, "decoder")
     normalizer = TokenNormalizer.from_state_dict(
         {k[len(NORMALIZER_PREFIX):]: v for k, v in tensors.items() if k.startswith(NORMALIZER_PREFIX)})
     T, h, w = layout.shape
@@ -1050,20 +1063,12 @@ def _build_cvae(info, tensors: Mapping, device) -> LoadedGenerator:
     import torch
 
     from generator.cvae import CVAEConfig, LoraCVAE, check_cvae_layout
-    from generator.tokenizer import LoraLayout, TokenNormalizer, token_mask
+    from generator.tokenizer import TokenNormalizer, token_mask
     from generator.training import LayoutMismatch
 
     meta = info.meta
     bad = f"generator {info.ref} is unusable"
-    if meta.get("format") != CVAE_ARTIFACT_FORMAT:
-        raise GeneratorError(f"{bad}: unsupported format {meta.get('format')!r}")
-    try:
-        layout = LoraLayout.from_dict(meta["layout"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise GeneratorLayoutError(f"{bad}: its stored layout is invalid ({err})") from None
-    if layout.fingerprint != meta.get("layout_fingerprint"):
-        raise GeneratorLayoutError(f"{bad}: layout {layout.fingerprint[:12]} does not match the recorded "
-                                   f"fingerprint {str(meta.get('layout_fingerprint'))[:12]}")
+    layout = _checked_layout(info, CVAE_ARTIFACT_FORMAT)
     try:
         config = CVAEConfig.from_dict(meta["config"])
         model = LoraCVAE(config)
@@ -1072,13 +1077,7 @@ def _build_cvae(info, tensors: Mapping, device) -> LoadedGenerator:
         raise GeneratorLayoutError(f"{bad}: {err}") from None
     except (KeyError, TypeError, ValueError) as err:
         raise GeneratorError(f"{bad}: invalid CVAE config ({err})") from None
-    weights = {k[len(CVAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(CVAE_PREFIX)}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise GeneratorLayoutError(f"{bad}: CVAE weights do not fit its config "
-                                   f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    _load_prefixed(model, tensors, CVAE_PREFIX, info, "CVAE")
     mask = token_mask(layout)
     try:
         normalizer = TokenNormalizer(tensors[f"{NORMALIZER_PREFIX}mean"], tensors[f"{NORMALIZER_PREFIX}std"], mask)

@@ -290,7 +290,6 @@ def save_adapter(out_dir: str | os.PathLike, state_dict: dict, config: HarvestCo
 
 def _loss_fn(peft_model):
     """``loss(input_ids, attention_mask, labels)``: body once, LM head only where labels exist."""
-    import torch
     import torch.nn.functional as F
 
     inner = peft_model.get_base_model()

@@ -229,7 +229,7 @@ def test_bad_inputs_are_refused_without_writing(cli, harvested, reg, registry_ho
         "swapped layout": (["--prompts", prompts_file, "--generator", "swapped"], "built for layout"),
         "resized decoder": (["--prompts", prompts_file, "--generator", "resized"], "do not fit its config"),
         "prompts and task": (["--prompts", prompts_file, "--task", "add"], "either --prompts FILE or --task"),
-        "unknown zoo task": (["--task", "no-such-task"], "unknown zoo task"),
+        "unknown task": (["--task", "no-such-task"], "unknown task"),
     }
     before = registry_state(registry_home)
     for label, (args, message) in cases.items():
