@@ -10,22 +10,29 @@ import typer
 from cli.app import HomeOption, JsonOption, PromptsOption, app, console, open_registry, print_json
 
 
-def adapters_table(adapters, title: str | None = None, scores: list[float] | None = None):
+def adapters_table(adapters, title: str | None = None, scores: list[float] | None = None, wide: bool = False):
+    """A rich table of adapters: compact by default, every column with ``wide``."""
     from rich.table import Table
 
     table = Table(title=title)
+    columns = ["ref", "kind", "task", "r", "aliases", "digest"]
+    if wide:
+        columns += ["base model", "modules", "created"]
     if scores is not None:
         table.add_column("score", justify="right")
-    for column in ("ref", "kind", "task", "base model", "r", "modules", "aliases", "digest", "created"):
-        table.add_column(column)
+    for column in columns:
+        table.add_column(column, no_wrap=column in ("ref", "digest"), overflow="fold")
     for i, info in enumerate(adapters):
-        row = [info.ref, info.kind, info.task or "-", info.base_model, str(info.rank),
-               ",".join(info.target_modules), ",".join(info.aliases) or "-", info.digest[:12],
-               info.created_at.strftime("%Y-%m-%d %H:%M")]
+        row = [info.ref, info.kind, info.task or "-", str(info.rank), ",".join(info.aliases) or "-", info.digest[:12]]
+        if wide:
+            row += [info.base_model, ",".join(info.target_modules), info.created_at.strftime("%Y-%m-%d %H:%M")]
         if scores is not None:
             row.insert(0, f"{scores[i]:.3f}")
         table.add_row(*row)
     return table
+
+
+WideOption = Annotated[bool, typer.Option("--wide", help="Also show base model, modules and creation time.")]
 
 
 @app.command()
@@ -59,6 +66,7 @@ def list_(
     kind: Annotated[Optional[str], typer.Option(help="harvested, imported, generated or composed.")] = None,
     task: Annotated[Optional[str], typer.Option(help="Only adapters of this task.")] = None,
     tag: Annotated[Optional[str], typer.Option(help="Only adapters with this tag.")] = None,
+    wide: WideOption = False,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
@@ -68,7 +76,7 @@ def list_(
     if json_output:
         print_json([a.to_dict() for a in adapters])
     else:
-        console().print(adapters_table(adapters, title=f"{len(adapters)} adapters"))
+        console().print(adapters_table(adapters, title=f"{len(adapters)} adapters", wide=wide))
 
 
 @app.command()
@@ -114,6 +122,7 @@ def search(
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Only adapters of this base model.")] = None,
     kind: Annotated[Optional[str], typer.Option(help="Only adapters of this kind.")] = None,
     exclude_task: Annotated[list[str], typer.Option("--exclude-task", help="Leave this task's adapters out (repeatable).")] = [],
+    wide: WideOption = False,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
@@ -130,7 +139,7 @@ def search(
         print_json([{"score": h.score, **h.adapter.to_dict()} for h in hits])
     else:
         console().print(adapters_table([h.adapter for h in hits], title=f"top {len(hits)}",
-                                       scores=[h.score for h in hits]))
+                                       scores=[h.score for h in hits], wide=wide))
 
 
 @app.command()

@@ -608,7 +608,8 @@ class Registry:
             if len(infos) >= k or fetch_k >= index.index.ntotal:
                 break
             fetch_k *= 4
-        ranked = sorted(((i, s) for i, s in hits_by_id.items() if i in infos), key=lambda kv: -kv[1])
+        # best score first; among equal scores (checkpoints sharing their prompts) the newest first
+        ranked = sorted(((i, s) for i, s in hits_by_id.items() if i in infos), key=lambda kv: (-kv[1], -kv[0]))
         return [SearchHit(infos[i], s) for i, s in ranked[:k]]
 
     def _filter_conditions(self, base_model, kind, exclude_tasks, layout, tasks) -> list:
