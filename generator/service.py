@@ -331,6 +331,40 @@ def _split_config(config: Mapping) -> tuple[dict, dict]:
     return decoder, training
 
 
+def _stored_artifact(reg, work, steps: int, artifact_type: str, status):
+    """The artifact this exact training already stored (same work dir and steps), if still intact."""
+    stored = work.stored()
+    if stored and stored.get("artifact_steps") == steps:
+        try:
+            info = reg.resolve_artifact(stored["artifact"], artifact_type)
+        except NotFound:
+            return None
+        if info.sha256 == stored.get("artifact_sha256"):
+            status(f"already trained: {info.ref}")
+            return info
+    return None
+
+
+def _model_and_state(work, build_model, seed: int, steps: int):
+    """A freshly seeded model with the saved training state (if any) loaded: (model, state, record)."""
+    import torch
+
+    from generator.training import TrainState
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model()
+    try:
+        state, record = work.load(model)
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
+        raise GeneratorError(f"saved training state in {work.root} is unreadable ({str(err).splitlines()[0]}): "
+                             "start over with resume=False / --fresh") from None
+    if state is not None and state.step > steps:
+        raise GeneratorError(f"saved training state is at step {state.step} > --steps {steps}: "
+                             f"rerun with more steps or start over (resume=False / --fresh)")
+    return model, state or TrainState(seed=seed), record
+
+
 def train_generator_from_registry(
     reg, name: str | None = None, tasks: Sequence[str] | None = None, exclude_tasks: Sequence[str] = (),
     steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int | None = None,
@@ -355,7 +389,7 @@ def train_generator_from_registry(
 
     from generator.dnd import DnDConfig, DnDDecoder
     from generator.tokenizer import TokenNormalizer, layout_from_state_dict, stack_token_grids, token_mask
-    from generator.training import GeneratorDataset, TrainState, resolve_device, train_generator
+    from generator.training import GeneratorDataset, resolve_device, train_generator
     from registry.embeddings import load_encoder
     from registry.refs import validate_name
 
@@ -415,28 +449,10 @@ def train_generator_from_registry(
     with work.locked():
         if not resume:
             work.clear()
-        stored = work.stored()
-        if stored and stored.get("artifact_steps") == steps:
-            try:
-                info = reg.resolve_artifact(stored["artifact"], ARTIFACT_TYPE)
-                if info.sha256 == stored.get("artifact_sha256"):
-                    status(f"already trained: {info.ref}")
-                    return info
-            except NotFound:
-                pass
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = DnDDecoder(decoder_config)
-        try:
-            state, record = work.load(model)
-        except (ValueError, KeyError, OSError, RuntimeError) as err:
-            raise GeneratorError(f"saved training state in {work.root} is unreadable ({str(err).splitlines()[0]}): "
-                                 "start over with resume=False / --fresh") from None
-        if state is not None and state.step > steps:
-            raise GeneratorError(f"saved training state is at step {state.step} > --steps {steps}: "
-                                 f"rerun with more steps or start over (resume=False / --fresh)")
-        state = state or TrainState(seed=seed)
+        info = _stored_artifact(reg, work, steps, ARTIFACT_TYPE, status)
+        if info is not None:
+            return info
+        model, state, record = _model_and_state(work, lambda: DnDDecoder(decoder_config), seed, steps)
         wall_before = float(record.get("wall_time_s", 0.0)) if record else 0.0
         resumed_from = state.step
         device = resolve_device(device)
@@ -901,7 +917,7 @@ def train_cvae_from_registry(
     from generator.cvae import DEFAULT_KL_WEIGHT, CVAEConfig, CVAEDataset, LoraCVAE, train_cvae
     from generator.task_vector import DEFAULT_MAX_LENGTH, TASK_VECTOR_FORMAT, model_identity, task_vector
     from generator.tokenizer import TokenNormalizer, layout_from_state_dict, stack_token_grids, token_mask
-    from generator.training import TrainState, resolve_device
+    from generator.training import resolve_device
     from registry.refs import validate_name
 
     status = on_status or (lambda message: None)
@@ -961,28 +977,10 @@ def train_cvae_from_registry(
     with work.locked():
         if not resume:
             work.clear()
-        stored = work.stored()
-        if stored and stored.get("artifact_steps") == steps:
-            try:
-                info = reg.resolve_artifact(stored["artifact"], CVAE_ARTIFACT_TYPE)
-                if info.sha256 == stored.get("artifact_sha256"):
-                    status(f"already trained: {info.ref}")
-                    return info
-            except NotFound:
-                pass
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = LoraCVAE(cvae_config)
-        try:
-            state, record = work.load(model)
-        except (ValueError, KeyError, OSError, RuntimeError) as err:
-            raise GeneratorError(f"saved training state in {work.root} is unreadable ({str(err).splitlines()[0]}): "
-                                 "start over with resume=False / --fresh") from None
-        if state is not None and state.step > steps:
-            raise GeneratorError(f"saved training state is at step {state.step} > --steps {steps}: "
-                                 f"rerun with more steps or start over (resume=False / --fresh)")
-        state = state or TrainState(seed=seed)
+        info = _stored_artifact(reg, work, steps, CVAE_ARTIFACT_TYPE, status)
+        if info is not None:
+            return info
+        model, state, record = _model_and_state(work, lambda: LoraCVAE(cvae_config), seed, steps)
         wall_before = float(record.get("wall_time_s", 0.0)) if record else 0.0
         resumed_from = state.step
         status(f"training on {device}" + (f", resuming at step {resumed_from}" if resumed_from else ""))
