@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .tokenizer import LoraLayout, TokenNormalizer, state_dict_to_tokens, token_mask, tokens_to_state_dict
-from .training import LayoutMismatch, TrainState, resolve_device
+from .training import LayoutMismatch, TrainState, resolve_device, run_steps
 
 CVAE_FORMAT = "icm-lora-cvae/1"
 DEFAULT_KL_WEIGHT = 1e-3
@@ -438,25 +438,15 @@ def train_cvae(model: LoraCVAE, dataset: CVAEDataset | Sequence[tuple[Tensor, Te
             group["lr"], group["weight_decay"] = lr, weight_decay
     if state.rng is not None:
         rng.set_state(state.rng)
-    try:
-        while state.step < steps:
-            weights, cond = dataset.sample(batch_size, rng)                  # (B, D), (B, H)
-            noise = torch.randn(batch_size, model.config.latent_dim, generator=rng)  # (B, Z)
-            weights = weights.to(device)
-            recon, mu, logvar = model(weights, cond.to(device), noise.to(device))
-            loss, _, _ = cvae_loss(recon, weights, mu, logvar, kl_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            state.step += 1
-            state.losses.append(float(loss.item()))
-            if on_step is not None and on_step(state.step, steps, state.losses[-1]) is False:
-                break
-    finally:  # also on KeyboardInterrupt: the state matches the last finished step
-        state.optimizer = optimizer.state_dict()
-        state.rng = rng.get_state()
+
+    def batch_loss():
+        weights, cond = dataset.sample(batch_size, rng)                  # (B, D), (B, H)
+        noise = torch.randn(batch_size, model.config.latent_dim, generator=rng)  # (B, Z)
+        weights = weights.to(device)
+        recon, mu, logvar = model(weights, cond.to(device), noise.to(device))
+        return cvae_loss(recon, weights, mu, logvar, kl_weight)[0]
+
+    run_steps(model, optimizer, state, steps, rng, batch_loss, grad_clip, on_step)
     return model, state
 
 

@@ -193,11 +193,24 @@ def train_generator(model: DnDDecoder, dataset: GeneratorDataset, steps: int, lr
     if state.rng is not None:
         rng.set_state(state.rng)
     weights = dataset.loss_weights.to(device)  # (T, h, w)
+
+    def batch_loss():
+        condition, target = dataset.sample(batch_size, rng)  # (B, N, L, C), (B, T, h, w)
+        prediction = model(condition.to(device))            # (B, T, h, w)
+        return weighted_mse(prediction, target.to(device), weights)
+
+    run_steps(model, optimizer, state, steps, rng, batch_loss, grad_clip, on_step)
+    return model, state
+
+
+def run_steps(model, optimizer, state, steps: int, rng, batch_loss, grad_clip: float, on_step) -> None:
+    """The optimisation loop shared by the generators: step until ``steps`` (or ``on_step`` says
+    False), recording losses; the optimizer and RNG state are saved into ``state`` even on Ctrl-C."""
+    import torch
+
     try:
         while state.step < steps:
-            condition, target = dataset.sample(batch_size, rng)  # (B, N, L, C), (B, T, h, w)
-            prediction = model(condition.to(device))            # (B, T, h, w)
-            loss = weighted_mse(prediction, target.to(device), weights)
+            loss = batch_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
@@ -210,7 +223,6 @@ def train_generator(model: DnDDecoder, dataset: GeneratorDataset, steps: int, lr
     finally:  # also on KeyboardInterrupt: the state matches the last finished step
         state.optimizer = optimizer.state_dict()
         state.rng = rng.get_state()
-    return model, state
 
 
 # -----------------------------------------------------------------------------
