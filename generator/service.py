@@ -619,25 +619,34 @@ def _load_prefixed(model, tensors: Mapping, prefix: str, info, what: str) -> Non
                                    f"({first[1].strip() if len(first) > 1 else first[0]})") from None
 
 
+def _model_for_layout(info, build_model, check, layout, what: str):
+    """Build the artifact's model from its stored config and check it fits the stored layout."""
+    from generator.training import LayoutMismatch
+
+    bad = f"generator {info.ref} is unusable"
+    try:
+        model = build_model()
+        check(model, layout)
+    except LayoutMismatch as err:
+        raise GeneratorLayoutError(f"{bad}: {err}") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise GeneratorError(f"{bad}: invalid {what} config ({err})") from None
+    return model
+
+
 def _build_generator(info, tensors: Mapping, device) -> LoadedGenerator:
     """Check the artifact's layout, decoder and normaliser agree, then build the decoder."""
     import torch
 
     from generator.dnd import DnDConfig, DnDDecoder
     from generator.tokenizer import TokenNormalizer
-    from generator.training import LayoutMismatch, check_layout
+    from generator.training import check_layout
 
     meta = info.meta
     bad = f"generator {info.ref} is unusable"
     layout = _checked_layout(info, ARTIFACT_FORMAT)
-    try:
-        config = DnDConfig.from_dict(meta["config"])
-        model = DnDDecoder(config)
-        check_layout(model, layout)
-    except LayoutMismatch as err:
-        raise GeneratorLayoutError(f"{bad}: {err}") from None
-    except (KeyError, TypeError, ValueError) as err:
-        raise GeneratorError(f"{bad}: invalid decoder config ({err})") from None
+    model = _model_for_layout(info, lambda: DnDDecoder(DnDConfig.from_dict(meta["config"])), check_layout,
+                              layout, "decoder")
     _load_prefixed(model, tensors, DECODER_PREFIX, info, "decoder")
     normalizer = TokenNormalizer.from_state_dict(
         {k[len(NORMALIZER_PREFIX):]: v for k, v in tensors.items() if k.startswith(NORMALIZER_PREFIX)})
@@ -1062,19 +1071,13 @@ def _build_cvae(info, tensors: Mapping, device) -> LoadedGenerator:
 
     from generator.cvae import CVAEConfig, LoraCVAE, check_cvae_layout
     from generator.tokenizer import TokenNormalizer, token_mask
-    from generator.training import LayoutMismatch
 
     meta = info.meta
     bad = f"generator {info.ref} is unusable"
     layout = _checked_layout(info, CVAE_ARTIFACT_FORMAT)
-    try:
-        config = CVAEConfig.from_dict(meta["config"])
-        model = LoraCVAE(config)
-        check_cvae_layout(model, layout)
-    except LayoutMismatch as err:
-        raise GeneratorLayoutError(f"{bad}: {err}") from None
-    except (KeyError, TypeError, ValueError) as err:
-        raise GeneratorError(f"{bad}: invalid CVAE config ({err})") from None
+    model = _model_for_layout(info, lambda: LoraCVAE(CVAEConfig.from_dict(meta["config"])), check_cvae_layout,
+                              layout, "CVAE")
+    config = model.config
     _load_prefixed(model, tensors, CVAE_PREFIX, info, "CVAE")
     mask = token_mask(layout)
     try:
