@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -39,13 +40,64 @@ def console():
 
 
 def progress():
-    """A rich progress bar with a description, a bar, counts, elapsed and remaining time."""
+    """A rich progress bar (description, bar, counts, elapsed, remaining) on a terminal; plain log lines
+    otherwise, so that ``nohup ... > log`` shows progress as it happens instead of one frame at the end."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
+    stderr = console_stderr()
+    if not stderr.is_terminal:
+        return LineProgress()
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console_stderr())
+                    console=stderr)
+
+
+class LineProgress:
+    """The slice of ``rich.progress.Progress`` the commands use, writing one line to stderr each time a
+    task crosses another tenth of its total (nothing at 0, so a command that fails early prints only its
+    one-line error)."""
+
+    def __init__(self):
+        self._tasks: dict[int, dict] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+        task_id = len(self._tasks)
+        self._tasks[task_id] = {"description": description, "total": total, "completed": 0, "fields": fields,
+                                "logged_tenth": 0, "start": time.monotonic()}
+        return task_id
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, completed=self._tasks[task_id]["completed"] + advance)
+
+    def update(self, task_id: int, *, completed: float | None = None, total: float | None = None,
+               advance: float | None = None, description: str | None = None, **fields) -> None:
+        task = self._tasks[task_id]
+        if total is not None:
+            task["total"] = total
+        if description is not None:
+            task["description"] = description
+        if advance is not None:
+            task["completed"] += advance
+        if completed is not None:
+            task["completed"] = completed
+        task["fields"].update(fields)
+        if not task["total"]:
+            return
+        tenth = int(10 * task["completed"] / task["total"])
+        if tenth > task["logged_tenth"]:
+            task["logged_tenth"] = tenth
+            status = task["fields"].get("status", "")
+            elapsed = time.monotonic() - task["start"]
+            sys.stderr.write(f"{task['description']}: {task['completed']:g}/{task['total']:g} {status} "
+                             f"[{elapsed:.0f}s]\n".replace("  [", " ["))
+            sys.stderr.flush()
 
 
 def console_stderr():

@@ -141,7 +141,7 @@ def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestCon
     start = time.perf_counter()
     result = harvest(task, base=base, config=config, work_dir=reg.home / "work" / "harvest" / f"{task.name}-{hid}",
                      resume=True, on_step=on_step, on_checkpoint=store, device=device)
-    summary.seconds = time.perf_counter() - start
+    summary.seconds = result.earlier_seconds + time.perf_counter() - start  # resumed runs count too
     summary.steps, summary.final_loss = result.steps, (result.losses[-1] if result.losses else None)
     summary.tokens_per_second = result.tokens_per_second
     summary.refs = [done[s] for s in sorted(done)]

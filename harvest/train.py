@@ -116,6 +116,12 @@ class HarvestResult:
     seconds: float
     tokens: int  # tokens (prompt + answer, no padding) processed by the steps run in this call
     resumed_from: int = 0
+    earlier_seconds: float = 0.0  # training time spent by the interrupted runs this one resumed
+
+    @property
+    def total_seconds(self) -> float:
+        """Training time over every run of this harvest, resumed ones included."""
+        return self.earlier_seconds + self.seconds
     extra: dict = field(default_factory=dict)
 
     @property
@@ -453,7 +459,7 @@ def harvest(
 
     fingerprint = _fingerprint(config, base_id, examples)
     work = Path(work_dir) if work_dir is not None else None
-    start, losses, emitted = 0, [], []
+    start, losses, emitted, earlier_seconds = 0, [], [], 0.0
     if work is not None and resume:
         loaded = _load_state(work)
         if loaded is not None:
@@ -474,12 +480,14 @@ def harvest(
                 torch.cuda.set_rng_state(tensors["rng/cuda"])
             start, losses = int(meta["step"]), list(meta["losses"])
             emitted = [tuple(x) for x in meta["checkpoints"]]
+            earlier_seconds = float(meta.get("train_seconds", 0.0))
 
     def persist(step: int) -> None:
         if work is None:
             return
         _save_state(work, named, optimizer, {
             "fingerprint": fingerprint, "step": step, "losses": losses, "checkpoints": emitted,
+            "train_seconds": earlier_seconds + time.perf_counter() - t0,
             "config": config.to_dict(), "base_model_id": base_id,
             "data_order": {"seed": config.seed, "batch_size": config.batch_size,
                            "batches_per_epoch": batches_per_epoch, "bucket_batches": _BUCKET_BATCHES},
@@ -530,6 +538,7 @@ def harvest(
         seconds=seconds,
         tokens=tokens,
         resumed_from=start,
+        earlier_seconds=earlier_seconds,
     )
     if work is not None and not keep_work_dir:
         clear_work_dir(work)

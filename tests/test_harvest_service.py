@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -61,6 +62,8 @@ def test_interrupted_harvest_resumes(tiny_base_dir, tmp_path, registry_home):
                            save_every=2)
 
     def crash(step, loss):
+        if step == 5:
+            time.sleep(1.5)  # time spent before the crash must count in harvest_seconds
         if step == 7:
             raise KeyboardInterrupt
 
@@ -72,6 +75,7 @@ def test_interrupted_harvest_resumes(tiny_base_dir, tmp_path, registry_home):
         summary = harvest_task(reg, task, base=str(tiny_base_dir), config=config)
         steps = [a.recipe["step"] for a in reg.list_adapters(task="doubling")]
         assert len(steps) == 3 == len(set(steps)) and summary.refs[-1] == "doubling@3"
+        assert reg.resolve("doubling@final").metrics["harvest_seconds"] >= 1.5 <= summary.seconds
 
 
 @pytest.mark.parametrize("args, message", [
