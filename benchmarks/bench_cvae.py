@@ -8,7 +8,7 @@ For every task the CVAE generator was trained on (``--generator``, default the n
 
 - **Reconstruction.** Accuracy on the task's test split (``harvest.evaluate.evaluate``, the first
   ``--limit`` items) of the adapter the CVAE regenerates from its *stored* task vector
-  (``generator.service.regenerate_task``: no prompts, no base-model forward) vs the stored final
+  (``generator.cvae_service.regenerate_task``: no prompts, no base-model forward) vs the stored final
   adapter of the task (the ``final`` alias the harvest sets, else the trained-on checkpoint with
   the highest step). Beside them, in weight space: the relative L2 error of the regenerated weights
   against that final adapter and against the mean of the task's trained-on checkpoints (what
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from generator.service import (CVAE_ARTIFACT_TYPE, GeneratorError, generator_peft_config, regenerate_task,
+    from generator.cvae_service import regenerate_task
+    from generator.service import (CVAE_ARTIFACT_TYPE, GeneratorError, generator_peft_config,
                                    resolve_any_generator)
     from harvest.evaluate import evaluate
     from harvest.service import resolve_task

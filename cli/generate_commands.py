@@ -1,7 +1,8 @@
 """Commands of the generators (DnD, ICM-LoRA CVAE): train-generator, generate, regenerate, generators.
 
-Each parses, calls one function of ``generator.service``, prints. torch and the encoder are
-imported inside the command bodies so ``registry --help`` stays fast.
+Each parses, calls one function of ``generator.service`` (``regenerate``: of
+``generator.cvae_service``), prints. torch and the encoder are imported inside the command bodies
+so ``registry --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def regenerate(
     json_output: JsonOption = False,
 ):
     """Re-create a training task's adapter from a CVAE generator's stored task vector and store it."""
-    from generator.service import regenerate_adapter
+    from generator.cvae_service import regenerate_adapter
 
     with open_registry(home) as reg:
         info = regenerate_adapter(reg, generator, task, name, device=device)

@@ -9,8 +9,10 @@
   task vector; dataset, resumable training, generation (decode z = 0).
 - ``task_vector``: prompts -> the base LLM's last-layer, last-token hidden state, averaged (H,);
   an on-disk cache.
-- ``service``: the registry glue of both (train-generator, generate, regenerate); not re-exported
-  here, import ``generator.service``.
+- ``service``: the registry glue: what both share (training set, resumable work folder, loading,
+  the train-generator / generate / generators doors, which dispatch on the architecture) and the
+  DnD generator; ``cvae_service``: the CVAE's (training, loading, generating, regenerate). Not
+  re-exported here: import ``generator.service`` (it re-exports ``cvae_service``'s public names).
 
 Pure library code: no database, no CLI. Heavy imports (torch) happen when a submodule is used.
 """

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
+from generator.cvae_service import regenerate_task, train_cvae_from_registry
 from generator.service import (CVAE_ARTIFACT_TYPE, GeneratorError, GeneratorLayoutError, TrainingStopped,
                                collect_training_set, generate_adapter, generate_state_dict_for,
-                               generator_peft_config, prompts_sha256, regenerate_task, train_cvae_from_registry,
-                               train_generator_from_registry)
+                               generator_peft_config, prompts_sha256, train_generator_from_registry)
 from test_generate_service import TASK_PROMPTS, add_harvested, registry_state
 
 HIDDEN = 32  # the tiny llama's hidden size (tests/conftest.py)
