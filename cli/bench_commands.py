@@ -16,14 +16,6 @@ DEMO_STEPS = 60
 DEMO_KEEP = 5
 
 
-def default_held_out(tasks: list[str], count: int) -> list[str]:
-    """``count`` tasks spread evenly over the sorted harvested tasks (deterministic)."""
-    if len(tasks) <= count:
-        return list(tasks)
-    step = len(tasks) / count
-    return [tasks[int(i * step + step / 2)] for i in range(count)]
-
-
 def _print_report(paths: dict[str, Path], json_output: bool) -> None:
     if json_output:
         print_json({k: str(v) for k, v in paths.items()})
@@ -53,17 +45,18 @@ def bench(
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated subset of base,oracle,training_mean,selection,mixture,fusion,dnd,cvae.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Test items per task (default: all; 30 with --quick).")] = None,
     generator_steps: Annotated[Optional[int], typer.Option("--generator-steps", help="DnD training steps.")] = None,
+    training_mean_max: Annotated[Optional[int], typer.Option("--training-mean-max", help="Training adapters evaluated per held-out task for the training_mean row (spread evenly; default: all).")] = None,
     k: Annotated[int, typer.Option("-k", help="Adapters retrieved and composed per task.")] = 3,
     out: Annotated[Path, typer.Option("--out", help="Report folder (rows are cached here; rerun to resume).")] = Path("reports/bench"),
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
     """Compare base, oracle, training-adapter mean, retrieval+composition and generation on held-out tasks."""
-    from evaluation.compare import ALL_METHODS, BenchSettings, harvested_tasks
+    from evaluation.compare import ALL_METHODS, BenchSettings, harvested_tasks, spread_subset
 
     with open_registry(home) as reg:
         tasks = harvested_tasks(reg)
-        chosen = held_out.split(",") if held_out else default_held_out(tasks, 2 if quick else 4)
+        chosen = held_out.split(",") if held_out else spread_subset(tasks, 2 if quick else 4)
         settings = BenchSettings(held_out=chosen, methods=methods.split(",") if methods else list(ALL_METHODS), k=k)
         if quick:
             settings.limit, settings.generator_steps, settings.training_mean_max = 30, 150, 4
@@ -71,6 +64,8 @@ def bench(
             settings.limit = limit
         if generator_steps is not None:
             settings.generator_steps = generator_steps
+        if training_mean_max is not None:
+            settings.training_mean_max = training_mean_max
         paths = _run(reg, settings, out)
     _print_report(paths, json_output)
 

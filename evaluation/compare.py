@@ -79,6 +79,14 @@ def _generator_without(reg, artifact_type: str, task: str) -> str | None:
     return None
 
 
+def spread_subset(items: list, count: int | None) -> list:
+    """At most ``count`` of ``items``, spread evenly over the list (all of them when ``count`` is None)."""
+    if count is None or len(items) <= count:
+        return list(items)
+    step = len(items) / count
+    return [items[int(i * step + step / 2)] for i in range(count)]
+
+
 def harvested_tasks(reg) -> list[str]:
     return sorted({a.task for a in reg.list_adapters(kind="harvested") if a.task})
 
@@ -139,6 +147,10 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
              f"training tasks ({len(training_tasks)}): {', '.join(training_tasks)}",
              f"retrieval pool: harvested adapters of every task except the row's own; k={settings.k}",
              f"DnD/query prompts per task: {settings.n_prompts} train-split prompts (fixed seed {settings.seed})"]
+    if "training_mean" in settings.methods:
+        used = spread_subset(training_tasks, settings.training_mean_max)
+        notes.append(f"training_mean: per-item mean over the final adapters of {len(used)} of the "
+                     f"{len(training_tasks)} training tasks ({', '.join(used)})")
     if generator_ref:
         notes.append(f"generator {generator_ref}: {settings.generator_steps} steps, trained once in "
                      f"{generator_seconds:.0f} s (not included in per-task generation time)")
@@ -156,7 +168,7 @@ def _run_method(reg, method, task, prompts, settings, generator_ref, evaluate, t
         result = evaluate(task, base=info.base_model, adapter=str(reg.fetch(info.ref)), **test_kwargs)
         return MethodResult(task.name, method, _scores(result), info.metrics.get("harvest_seconds"), info.ref)
     if method == "training_mean":
-        adapters = [_final_adapter(reg, t) for t in training_tasks][: settings.training_mean_max]
+        adapters = [_final_adapter(reg, t) for t in spread_subset(training_tasks, settings.training_mean_max)]
         per_adapter = [_scores(evaluate(task, base=a.base_model, adapter=str(reg.fetch(a.ref)), **test_kwargs))
                        for a in adapters]
         item_means = [sum(col) / len(col) for col in zip(*per_adapter)]  # mean over adapters, per item
