@@ -56,9 +56,10 @@ def progress():
 class LineProgress:
     """The slice of ``rich.progress.Progress`` the commands use, writing one line to stderr each time a
     task crosses another tenth of its total (nothing at 0, so a command that fails early prints only its
-    one-line error)."""
+    one-line error), and a status change (a loss, a phase) at most every ``status_every_s`` seconds."""
 
-    def __init__(self):
+    def __init__(self, status_every_s: float = 30.0):
+        self.status_every_s = status_every_s
         self._tasks: dict[int, dict] = {}
 
     def __enter__(self):
@@ -70,7 +71,7 @@ class LineProgress:
     def add_task(self, description: str, total: float | None = None, **fields) -> int:
         task_id = len(self._tasks)
         self._tasks[task_id] = {"description": description, "total": total, "completed": 0, "fields": fields,
-                                "logged_tenth": 0, "start": time.monotonic()}
+                                "logged_tenth": 0, "start": time.monotonic(), "logged_at": time.monotonic()}
         return task_id
 
     def advance(self, task_id: int, advance: float = 1) -> None:
@@ -88,14 +89,14 @@ class LineProgress:
         if completed is not None:
             task["completed"] = completed
         task["fields"].update(fields)
-        if not task["total"]:
-            return
-        tenth = int(10 * task["completed"] / task["total"])
-        if tenth > task["logged_tenth"]:
-            task["logged_tenth"] = tenth
+        tenth = int(10 * task["completed"] / task["total"]) if task["total"] else 0
+        status_news = fields.get("status") and time.monotonic() - task["logged_at"] >= self.status_every_s
+        if tenth > task["logged_tenth"] or status_news:
+            task["logged_tenth"], task["logged_at"] = max(tenth, task["logged_tenth"]), time.monotonic()
             status = task["fields"].get("status", "")
             elapsed = time.monotonic() - task["start"]
-            sys.stderr.write(f"{task['description']}: {task['completed']:g}/{task['total']:g} {status} "
+            total = f"/{task['total']:g}" if task["total"] else ""
+            sys.stderr.write(f"{task['description']}: {task['completed']:g}{total} {status} "
                              f"[{elapsed:.0f}s]\n".replace("  [", " ["))
             sys.stderr.flush()
 

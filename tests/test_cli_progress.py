@@ -21,3 +21,15 @@ def test_line_progress_advance_and_unknown_total(capsys):
     bar.advance(overall)
     bar.advance(overall)
     assert capsys.readouterr().err.splitlines() == ["tasks: 1/2 [0s]", "tasks: 2/2 [0s]"]
+
+
+def test_line_progress_reports_status_changes_when_due(capsys):
+    bar = LineProgress(status_every_s=0)
+    task = bar.add_task("bench", total=None, status="")
+    bar.update(task, status="training the DnD generator")
+    bar.update(task, completed=0)  # no status: nothing new to say
+    assert capsys.readouterr().err.splitlines() == ["bench: 0 training the DnD generator [0s]"]
+    quiet = LineProgress(status_every_s=3600)
+    task = quiet.add_task("bench", total=4, status="")
+    quiet.update(task, status="phase two")
+    assert capsys.readouterr().err == ""
