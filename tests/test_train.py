@@ -166,3 +166,28 @@ def test_evaluate_scores_with_the_task_metric(tiny_base_dir):
     result = evaluate(task, model, tokenizer, max_new_tokens=3, threads=1)
     # "zzzz-never" is never generated in 3 tokens; an empty reference never counts as contained
     assert result.accuracy == 0.0 and result.n == 2
+
+
+def test_shared_prefix_length_leaves_every_prompt_a_tail():
+    from harvest.evaluate import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[7, 8], [7, 8]]) == 1  # identical prompts still keep one token each
+    assert shared_prefix_length([[1], [2, 3]]) == 0 and shared_prefix_length([]) == 0
+
+
+def test_generation_with_the_shared_prompt_head_cached_matches_plain_generation(tiny_base_dir, tiny_adapter_factory):
+    """Reusing the chat head's keys/values (padding between head and tail) changes no completion."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harvest.evaluate import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
+    model = PeftModel.from_pretrained(base, tiny_adapter_factory("lora", targets=("q_proj", "k_proj", "v_proj")))
+    model.eval()
+    prompts = [f"What is {i} plus {i * 7}?" + " please" * (i % 4) for i in range(11)]
+    shared, n_shared = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4, share_prefix=True)
+    plain, n_plain = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4, share_prefix=False)
+    assert shared == plain and n_shared == n_plain > 0
