@@ -19,6 +19,7 @@ import functools
 import os
 import random
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -97,15 +98,49 @@ def _base_conversion(item: dict) -> tuple[str, str]:
             str(item["answer"]))
 
 
-def _ransom_note(item: dict) -> tuple[str, str]:
-    meta = item["metadata"]
-    return (f"Can the note \"{meta['ransom_note']}\" be built from the letters of \"{meta['magazine']}\" "
-            f"(each letter used once)? Answer True or False.", str(item["answer"]))
+def _ransom_note(n: int, seed: int) -> Pairs:
+    """Own generator (reasoning_gym's ``ransom_note`` iterates a set, so its items change with
+    PYTHONHASHSEED); half of the notes can be built from their magazine, half cannot."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        magazine = "".join(rng.choices("abcdefgh", k=rng.randint(4, 8)))
+        if rng.random() < 0.5:
+            note = "".join(rng.sample(magazine, rng.randint(1, min(4, len(magazine)))))
+        else:  # a note the magazine cannot supply
+            note = magazine
+            while not (Counter(note) - Counter(magazine)):
+                note = "".join(rng.choices("abcdefgh", k=rng.randint(1, 4)))
+        buildable = not (Counter(note) - Counter(magazine))
+        out.append((f"Can the note \"{note}\" be built from the letters of \"{magazine}\" "
+                    f"(each letter used once)? Answer True or False.", str(buildable)))
+    return out
 
 
-def _isomorphic(item: dict) -> tuple[str, str]:
-    a, b = item["metadata"]["words"]
-    return f"Are the strings \"{a}\" and \"{b}\" isomorphic? Answer True or False.", str(item["answer"])
+def _isomorphic_pair(a: str, b: str) -> bool:
+    """Whether one-to-one character substitution maps ``a`` onto ``b``."""
+    return len(a) == len(b) and len(set(a)) == len(set(b)) == len(set(zip(a, b)))
+
+
+def _isomorphic(n: int, seed: int) -> Pairs:
+    """Own generator (reasoning_gym's ``isomorphic_strings`` depends on PYTHONHASHSEED); about half
+    of the pairs are isomorphic (the second string is a relabelling of the first), half not."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a = "".join(rng.choices("abcdefg", k=rng.randint(2, 5)))
+        if rng.random() < 0.5:
+            letters = list("hijklmnopq")
+            rng.shuffle(letters)
+            relabel = dict(zip(sorted(set(a)), letters))
+            b = "".join(relabel[c] for c in a)
+        else:  # same length, not a relabelling
+            b = "".join(rng.choices("hijklmnopq", k=len(a)))
+            while _isomorphic_pair(a, b):
+                b = "".join(rng.choices("hijklmnopq", k=len(a)))
+        out.append((f"Are the strings \"{a}\" and \"{b}\" isomorphic? Answer True or False.",
+                    str(_isomorphic_pair(a, b))))
+    return out
 
 
 def _legs(item: dict) -> tuple[str, str]:
@@ -232,9 +267,9 @@ _add("family_relation", "Name the family relationship between two people in a sm
 _add("syllogism", "Decide whether a conclusion follows from two premises (Yes or No).", "choice",
      _rg("syllogism"), "reasoning_gym:syllogism")
 _add("ransom_note", "Decide whether a note can be built from a magazine's letters (True or False).", "choice",
-     _rg("ransom_note", _ransom_note, max_note_length=4, max_magazine_length=8), "reasoning_gym:ransom_note")
+     _ransom_note, "generated (seeded)")
 _add("isomorphic", "Decide whether two short strings are isomorphic (True or False).", "choice",
-     _rg("isomorphic_strings", _isomorphic, max_string_length=5), "reasoning_gym:isomorphic_strings")
+     _isomorphic, "generated (seeded)")
 _add("sibling_riddle", "Count sisters or brothers in an 'Alice in Wonderland' sibling riddle.", "numeric",
      _rg("aiw"), "reasoning_gym:aiw")
 _add("leg_count", "Count the legs of one or two kinds of animals.", "numeric",

@@ -151,11 +151,27 @@ def test_zoo_size_and_splits():
         assert max(len(e.prompt) for e in task.train) <= zoo.MAX_PROMPT_CHARS, name
 
 
-def test_zoo_is_deterministic():
-    first = zoo.load_zoo_task("spell_backward")
-    zoo._build.cache_clear()
-    second = zoo.load_zoo_task("spell_backward")
-    assert first.train == second.train and first.test == second.test
+_ZOO_DIGEST = """
+import hashlib
+from harvest import zoo
+digest = hashlib.sha256()
+for name in zoo.zoo_names():
+    task = zoo.load_zoo_task(name)
+    for example in task.train + task.test:
+        digest.update(f"{name}\\0{example.prompt}\\0{example.answer}\\1".encode())
+print(digest.hexdigest())
+"""
+
+
+def test_zoo_is_deterministic_across_processes_and_hash_seeds():
+    """The same items in every process: set/dict order (PYTHONHASHSEED) must not leak into a task."""
+    import os
+    import subprocess
+    import sys
+
+    digests = {subprocess.run([sys.executable, "-c", _ZOO_DIGEST], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    assert len(digests) == 1
 
 
 def test_zoo_answers_are_right():
@@ -164,6 +180,14 @@ def test_zoo_answers_are_right():
     for example in zoo.load_zoo_task("larger_choice").test[:20]:
         a, b = (int(x) for x in example.prompt.replace("(A) ", "").replace("(B) ", "").split("? ")[1].split())
         assert example.answer == ("A" if a > b else "B")
+    isomorphic = [zoo._isomorphic_pair(*e.prompt.split('"')[1:4:2]) for e in zoo.load_zoo_task("isomorphic").test]
+    assert [str(x) for x in isomorphic] == [e.answer for e in zoo.load_zoo_task("isomorphic").test]
+    assert 0.3 < sum(isomorphic) / len(isomorphic) < 0.7
+    assert zoo._isomorphic_pair("abca", "xyzx") and not zoo._isomorphic_pair("abca", "xyzz")
+    assert not zoo._isomorphic_pair("ab", "xx") and not zoo._isomorphic_pair("aa", "xy")
+    for example in zoo.load_zoo_task("ransom_note").test:
+        note, magazine = example.prompt.split('"')[1:4:2]
+        assert example.answer == str(all(magazine.count(c) >= note.count(c) for c in note))
 
 
 def test_unknown_zoo_task():
