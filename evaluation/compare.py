@@ -88,7 +88,18 @@ def spread_subset(items: list, count: int | None) -> list:
 
 
 def harvested_tasks(reg) -> list[str]:
-    return sorted({a.task for a in reg.list_adapters(kind="harvested") if a.task})
+    """Tasks whose harvest finished (its last checkpoint carries the ``final`` alias), sorted; a harvest
+    still running in another process does not enter the bench half-done."""
+    from registry.errors import NotFound
+
+    complete = set()
+    for task in {a.task for a in reg.list_adapters(kind="harvested") if a.task}:
+        try:
+            if reg.resolve(f"{task}@final").task == task:
+                complete.add(task)
+        except NotFound:
+            continue
+    return sorted(complete)
 
 
 def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str], None] = print,
@@ -134,7 +145,7 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
             if cached is None:
                 on_status(f"{task_name}: {method}")
                 cached = _run_method(reg, method, task, prompts, settings, generator_ref, evaluate,
-                                     training_tasks, test_kwargs, base_kwargs)
+                                     training_tasks, test_kwargs, base_kwargs, pool_tasks=zoo)
                 if cached is not None:
                     _save_row(out, cached)
             if cached is not None:
@@ -145,7 +156,7 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
 
     notes = [f"held-out tasks: {', '.join(settings.held_out)}",
              f"training tasks ({len(training_tasks)}): {', '.join(training_tasks)}",
-             f"retrieval pool: harvested adapters of every task except the row's own; k={settings.k}",
+             f"retrieval pool: harvested adapters of the {len(zoo)} bench tasks except the row's own; k={settings.k}",
              f"DnD/query prompts per task: {settings.n_prompts} train-split prompts (fixed seed {settings.seed})"]
     if "training_mean" in settings.methods:
         used = spread_subset(training_tasks, settings.training_mean_max)
@@ -159,7 +170,7 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
 
 
 def _run_method(reg, method, task, prompts, settings, generator_ref, evaluate, training_tasks, test_kwargs,
-                base_kwargs):
+                base_kwargs, pool_tasks):
     """Obtain the method's adapter for ``task`` (timed) and score it on the test items."""
     if method == "base":
         return MethodResult(task.name, method, _scores(evaluate(task, **base_kwargs)), 0.0, None)
@@ -179,8 +190,10 @@ def _run_method(reg, method, task, prompts, settings, generator_ref, evaluate, t
         from retrieval.service import compose_adapter
 
         start = time.perf_counter()
+        outside_pool = {a.task for a in reg.list_adapters(kind="harvested")} - set(pool_tasks)
         info = compose_adapter(reg, prompts, k=settings.k, strategy=method, name=f"bench-{task.name}-{method}",
-                               exclude_tasks=[task.name], kind="harvested", one_per_task=True, task=task.name)
+                               exclude_tasks=sorted({task.name} | outside_pool), kind="harvested",
+                               one_per_task=True, task=task.name)
         seconds = time.perf_counter() - start
         result = evaluate(task, base=info.base_model, adapter=str(reg.fetch(info.ref)), **test_kwargs)
         return MethodResult(task.name, method, _scores(result), seconds, info.ref,
