@@ -127,7 +127,8 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
         artifact = train_generator_from_registry(
             reg, name="bench-dnd", exclude_tasks=[t for t in settings.held_out if t in zoo], tasks=training_tasks,
             steps=settings.generator_steps, batch_size=settings.generator_batch_size, n_prompts=16,
-            seed=settings.seed, on_status=on_status)
+            seed=settings.seed, on_status=on_status,
+            on_step=lambda step, steps, loss: on_status(f"DnD generator step {step}/{steps}, loss {loss:.4f}"))
         generator_ref = artifact.ref
         generator_seconds = artifact.meta.get("wall_time_s", time.perf_counter() - start)
         on_status(f"generator {generator_ref} ready")
