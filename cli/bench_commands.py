@@ -47,6 +47,7 @@ def bench(
     generator_steps: Annotated[Optional[int], typer.Option("--generator-steps", help="DnD training steps.")] = None,
     training_mean_max: Annotated[Optional[int], typer.Option("--training-mean-max", help="Training adapters evaluated per held-out task for the training_mean row (spread evenly; default: all).")] = None,
     k: Annotated[int, typer.Option("-k", help="Adapters retrieved and composed per task.")] = 3,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated bench tasks, held-out ones included (default: every finished harvest); pins a rerun to the same zoo.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Report folder (rows are cached here; rerun to resume).")] = Path("reports/bench"),
     home: HomeOption = None,
     json_output: JsonOption = False,
@@ -55,9 +56,10 @@ def bench(
     from evaluation.compare import ALL_METHODS, BenchSettings, harvested_tasks, spread_subset
 
     with open_registry(home) as reg:
-        tasks = harvested_tasks(reg)
-        chosen = held_out.split(",") if held_out else spread_subset(tasks, 2 if quick else 4)
-        settings = BenchSettings(held_out=chosen, methods=methods.split(",") if methods else list(ALL_METHODS), k=k)
+        zoo = tasks.split(",") if tasks else harvested_tasks(reg)
+        chosen = held_out.split(",") if held_out else spread_subset(zoo, 2 if quick else 4)
+        settings = BenchSettings(held_out=chosen, methods=methods.split(",") if methods else list(ALL_METHODS), k=k,
+                                 tasks=zoo if tasks else None)
         if quick:
             settings.limit, settings.generator_steps, settings.training_mean_max = 30, 150, 4
         if limit is not None:

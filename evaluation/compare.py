@@ -29,6 +29,7 @@ class BenchSettings:
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
     limit: int | None = None           # test items per task (None: the whole test split)
     k: int = 3
+    tasks: list[str] | None = None     # the bench's task set (default: every finished harvest)
     n_prompts: int = 32                # prompts given to the generator / used as the retrieval query
     generator_steps: int = 600
     generator_batch_size: int = 8
@@ -111,7 +112,11 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
     from registry.errors import RegistryError
 
     out.mkdir(parents=True, exist_ok=True)
-    zoo = harvested_tasks(reg)
+    finished = harvested_tasks(reg)
+    zoo = sorted(settings.tasks) if settings.tasks else finished
+    unfinished = [t for t in zoo if t not in finished]
+    if unfinished:
+        raise RegistryError(f"tasks without a finished harvest: {', '.join(unfinished)}")
     missing = [t for t in settings.held_out if t not in zoo and "oracle" in settings.methods]
     if missing:
         raise RegistryError(f"held-out tasks without harvested adapters (needed for the oracle): {', '.join(missing)}")

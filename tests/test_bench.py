@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_bench_end_to_end_and_resume(cli, tiny_base_dir, tmp_path, registry_home):
     from harvest.service import harvest_task, resolve_task
@@ -31,9 +33,25 @@ def test_bench_end_to_end_and_resume(cli, tiny_base_dir, tmp_path, registry_home
         generator = reg.latest_artifact("generator-dnd")
         assert "larger_choice" not in generator.meta["tasks"]
     assert (out / "accuracy.png").exists() and (out / "time_vs_accuracy.png").exists()
-    # A rerun resumes from the cached rows: nothing new is stored.
+    # A rerun resumes from the cached rows: nothing new is stored, also when pinned to the same zoo
+    # while another task's harvest is only half done.
     with Registry.open(registry_home) as reg:
+        with pytest.raises(KeyboardInterrupt):
+            harvest_task(reg, resolve_task("gcd"), base=str(tiny_base_dir), config=config, on_step=_stop_at(2))
+        assert [a.task for a in reg.list_adapters(task="gcd")] == ["gcd"]  # one checkpoint, no `final`
         before = [a.ref for a in reg.list_adapters()]
+        artifacts = [a.ref for a in reg.list_artifacts("generator-dnd")]
     assert cli(*args)[0] == 0
+    assert cli(*args, "--tasks", "add_sub,larger_choice,letter_count")[0] == 0
     with Registry.open(registry_home) as reg:
         assert [a.ref for a in reg.list_adapters()] == before
+        assert [a.ref for a in reg.list_artifacts("generator-dnd")] == artifacts
+    code, _, err = cli(*args, "--tasks", "add_sub,larger_choice,gcd")
+    assert code == 1 and err.strip() == "error: tasks without a finished harvest: gcd", err
+
+
+def _stop_at(step):
+    def on_step(current, loss):
+        if current == step:
+            raise KeyboardInterrupt
+    return on_step
