@@ -447,9 +447,9 @@ def train_generator_from_registry(
 
         started, stopped = time.perf_counter(), False
 
-        def stop_requested(step: int, total: int, loss: float):
+        def stop_requested(step: int, _chunk_end: int, loss: float):
             nonlocal stopped
-            if on_step is not None and on_step(step, total, loss) is False:
+            if on_step is not None and on_step(step, steps, loss) is False:  # the whole run, not the chunk
                 stopped = True
                 return False
             return None

@@ -116,8 +116,8 @@ def test_interrupted_cvae_training_resumes_to_the_same_weights(reg, harvested):
         train_cvae_from_registry(reg, resume=False, on_step=stop_at_four, **options)
     assert [a.ref for a in reg.list_artifacts(CVAE_ARTIFACT_TYPE)] == [straight.ref]  # nothing stored when stopped
     seen = []
-    resumed = train_cvae_from_registry(reg, on_step=lambda s, t, loss: seen.append(s), **options)
-    assert seen == [5, 6, 7] and resumed.meta["training"]["resumed_from"] == 4
+    resumed = train_cvae_from_registry(reg, on_step=lambda s, t, loss: seen.append((s, t)), **options)
+    assert seen == [(5, 7), (6, 7), (7, 7)] and resumed.meta["training"]["resumed_from"] == 4
     assert resumed.ref == "cvae@2" and resumed.sha256 == straight.sha256  # bit-identical tensors
     assert resumed.meta["loss_curve"] == straight.meta["loss_curve"]
     # more steps continue from the finished state
