@@ -4,6 +4,7 @@ each adapter, written as Markdown, JSON and two PNG plots."""
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def summarize(results: list[MethodResult]) -> dict:
         mean, low, high = mean_of_task_means_ci({r.task: r.scores for r in mine})
         times = sorted(r.seconds_to_adapter for r in mine if r.seconds_to_adapter is not None)
         means[method] = {"accuracy": mean, "ci_low": low, "ci_high": high, "tasks": len(mine),
-                         "median_seconds_to_adapter": times[len(times) // 2] if times else None}
+                         "median_seconds_to_adapter": statistics.median(times) if times else None}
     return {"rows": rows, "means": means}
 
 
