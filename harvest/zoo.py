@@ -143,6 +143,11 @@ def _isomorphic(n: int, seed: int) -> Pairs:
     return out
 
 
+def _uppercase(item: dict) -> tuple[str, str]:
+    word = item["metadata"]["word"]
+    return f"Write this word in capital letters: {word}", word.upper()
+
+
 def _legs(item: dict) -> tuple[str, str]:
     animals = item["metadata"]["animals"]
     listing = ", ".join(f"{count} {animal}" for animal, count in animals.items())
@@ -268,8 +273,10 @@ _add("syllogism", "Decide whether a conclusion follows from two premises (Yes or
      _rg("syllogism"), "reasoning_gym:syllogism")
 _add("ransom_note", "Decide whether a note can be built from a magazine's letters (True or False).", "choice",
      _ransom_note, "generated (seeded)")
-_add("isomorphic", "Decide whether two short strings are isomorphic (True or False).", "choice",
-     _isomorphic, "generated (seeded)")
+# `isomorphic` (own generator above, kept for users) left the zoo: its harvested LoRA did not beat
+# the base model (0.54 vs 0.54 on 100 test items); `uppercase` replaced it.
+_add("uppercase", "Write a short word in capital letters.", "exact", _rg("spell_backward", _uppercase,
+     min_word_len=3, max_word_len=8), "reasoning_gym:spell_backward (its words)")
 _add("sibling_riddle", "Count sisters or brothers in an 'Alice in Wonderland' sibling riddle.", "numeric",
      _rg("aiw"), "reasoning_gym:aiw")
 _add("leg_count", "Count the legs of one or two kinds of animals.", "numeric",

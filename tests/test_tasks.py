@@ -180,14 +180,17 @@ def test_zoo_answers_are_right():
     for example in zoo.load_zoo_task("larger_choice").test[:20]:
         a, b = (int(x) for x in example.prompt.replace("(A) ", "").replace("(B) ", "").split("? ")[1].split())
         assert example.answer == ("A" if a > b else "B")
-    isomorphic = [zoo._isomorphic_pair(*e.prompt.split('"')[1:4:2]) for e in zoo.load_zoo_task("isomorphic").test]
-    assert [str(x) for x in isomorphic] == [e.answer for e in zoo.load_zoo_task("isomorphic").test]
+    pairs = zoo._isomorphic(200, seed=0)  # out of the zoo (its LoRA did not beat the base) but still offered
+    isomorphic = [zoo._isomorphic_pair(*prompt.split('"')[1:4:2]) for prompt, _ in pairs]
+    assert [str(x) for x in isomorphic] == [answer for _, answer in pairs]
     assert 0.3 < sum(isomorphic) / len(isomorphic) < 0.7
     assert zoo._isomorphic_pair("abca", "xyzx") and not zoo._isomorphic_pair("abca", "xyzz")
     assert not zoo._isomorphic_pair("ab", "xx") and not zoo._isomorphic_pair("aa", "xy")
     for example in zoo.load_zoo_task("ransom_note").test:
         note, magazine = example.prompt.split('"')[1:4:2]
         assert example.answer == str(all(magazine.count(c) >= note.count(c) for c in note))
+    for example in zoo.load_zoo_task("uppercase").test[:20]:
+        assert example.answer == example.prompt.rsplit(": ", 1)[1].upper()
 
 
 def test_unknown_zoo_task():
