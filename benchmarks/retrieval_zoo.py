@@ -25,8 +25,13 @@ def main() -> None:
     from registry.store import Registry
     from retrieval.service import retrieval_accuracy
 
+    from harvest.zoo import zoo_names
+
     reg = Registry.open(args.home)
-    names = harvested_tasks(reg)
+    harvested = harvested_tasks(reg)
+    names = [name for name in harvested if name in zoo_names()]  # others stay in the pool as distractors
+    if len(names) < len(harvested):
+        print(f"in the pool but not queried (not zoo tasks): {', '.join(sorted(set(harvested) - set(names)))}")
     queries = {name: resolve_task(name).prompts("test")[: args.per_task] for name in names}
     start = time.perf_counter()
     report = retrieval_accuracy(reg, queries, k=3)
