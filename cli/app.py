@@ -56,7 +56,8 @@ def progress():
 class LineProgress:
     """The slice of ``rich.progress.Progress`` the commands use, writing one line to stderr each time a
     task crosses another tenth of its total (nothing at 0, so a command that fails early prints only its
-    one-line error), and a status change (a loss, a phase) at most every ``status_every_s`` seconds."""
+    one-line error), a change of phase (a status whose first word differs from the one before) at
+    once, and other status updates (a loss, a step) at most every ``status_every_s`` seconds."""
 
     def __init__(self, status_every_s: float = 30.0):
         self.status_every_s = status_every_s
@@ -90,7 +91,10 @@ class LineProgress:
             task["completed"] = completed
         task["fields"].update(fields)
         tenth = int(10 * task["completed"] / task["total"]) if task["total"] else 0
-        status_news = fields.get("status") and time.monotonic() - task["logged_at"] >= self.status_every_s
+        status, previous = fields.get("status"), task.get("seen_status", "")
+        new_phase = status and previous and status.split(" ")[0] != previous.split(" ")[0]
+        task["seen_status"] = status or previous
+        status_news = status and (new_phase or time.monotonic() - task["logged_at"] >= self.status_every_s)
         if tenth > task["logged_tenth"] or status_news:
             task["logged_tenth"], task["logged_at"] = max(tenth, task["logged_tenth"]), time.monotonic()
             status = task["fields"].get("status", "")

@@ -33,3 +33,12 @@ def test_line_progress_reports_status_changes_when_due(capsys):
     task = quiet.add_task("bench", total=4, status="")
     quiet.update(task, status="phase two")
     assert capsys.readouterr().err == ""
+
+
+def test_line_progress_prints_new_phases_at_once_and_rate_limits_updates(capsys):
+    bar = LineProgress(status_every_s=3600)
+    task = bar.add_task("bench", total=None, status="")
+    for message in ("embedding prompts", "training on cpu", "training on cpu, step 2", "storing the generator"):
+        bar.update(task, status=message)
+    assert [line.split(" [")[0] for line in capsys.readouterr().err.splitlines()] == [
+        "bench: 0 training on cpu", "bench: 0 storing the generator"]  # the first status waits its turn
