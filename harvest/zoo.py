@@ -212,7 +212,9 @@ def _ja_fullwidth_add(n: int, seed: int) -> Pairs:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        # a two-digit and a one-digit operand: with two two-digit operands the 120-step LoRA learned
+        # nothing (0.00 -> 0.01 on 100 test items)
+        a, b = rng.randint(10, 99), rng.randint(1, 9)
         op = rng.choice("＋－")
         result = a + b if op == "＋" else a - b
         out.append((f"計算してください: {str(a).translate(_FULLWIDTH)}{op}{str(b).translate(_FULLWIDTH)}", str(result)))
@@ -305,7 +307,7 @@ _add("complex_add", "Add or subtract two complex numbers with small parts.", "ex
 _add("larger_choice", "Pick the larger of two numbers as option A or B.", "choice", _larger_choice, "procedural")
 _add("ja_kanji_numbers", "Write a Japanese kanji numeral in Arabic digits (Japanese prompt).", "numeric",
      _ja_kanji_numbers, "procedural", language="ja")
-_add("ja_fullwidth_arith", "Add or subtract two full-width numbers (Japanese prompt).", "numeric",
+_add("ja_fullwidth_arith", "Add or subtract a one-digit full-width number to or from a two-digit one (Japanese prompt).", "numeric",
      _ja_fullwidth_add, "procedural", language="ja")
 
 
