@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from generator.service import (CVAE_ARTIFACT_TYPE, DEFAULT_LR, DEFAULT_SAVE_EVERY, DEFAULT_STEPS, NORMALIZER_PREFIX,
-                               GeneratorError, GeneratorLayoutError, LoadedGenerator, TrainingStopped, _check_base,
+                               GeneratorError, GeneratorLayoutError, LoadedGenerator, _check_base,
                                _checked_layout, _load_prefixed, _model_and_state, _model_for_layout, _sha256_json,
-                               _stored_artifact, _subsample_curve, _sync, _WorkDir, collect_training_set,
-                               generator_peft_config, load_generator_artifact, resolve_any_generator)
+                               _stored_artifact, _sync, _WorkDir, collect_training_set, generator_peft_config,
+                               load_generator_artifact, resolve_any_generator, run_chunked_training, training_meta)
 from registry.errors import RegistryError
 
 # The artifact's format, code version and tensor-name prefixes (its type, ``CVAE_ARTIFACT_TYPE``, is
@@ -193,62 +193,24 @@ def train_cvae_from_registry(
         resumed_from = state.step
         status(f"training on {device}" + (f", resuming at step {resumed_from}" if resumed_from else ""))
 
-        started, stopped = time.perf_counter(), False
+        model, state, wall_time = run_chunked_training(
+            work, model, state, steps=steps, save_every=save_every, on_step=on_step, wall_before=wall_before,
+            record={"fingerprint": fingerprint, "name": name, "arch": "cvae"},
+            train_chunk=lambda model, state, target, on_chunk_step: train_cvae(
+                model, dataset, steps=target, lr=lr, batch_size=batch_size, device=device, on_step=on_chunk_step,
+                state=state, seed=seed, kl_weight=kl_weight, weight_decay=weight_decay, grad_clip=grad_clip))
 
-        def stop_requested(step: int, _chunk_end: int, loss: float):
-            nonlocal stopped
-            if on_step is not None and on_step(step, steps, loss) is False:  # the whole run, not the chunk
-                stopped = True
-                return False
-            return None
-
-        def save() -> None:
-            work.save(state, model, {"fingerprint": fingerprint, "name": name, "arch": "cvae",
-                                     "wall_time_s": wall_before + time.perf_counter() - started})
-
-        try:
-            while state.step < steps and not stopped:
-                target = min(steps, (state.step // save_every + 1) * save_every)
-                model, state = train_cvae(model, dataset, steps=target, lr=lr, batch_size=batch_size,
-                                          device=device, on_step=stop_requested, state=state, seed=seed,
-                                          kl_weight=kl_weight, weight_decay=weight_decay, grad_clip=grad_clip)
-                save()
-        except KeyboardInterrupt:
-            save()
-            raise
-        if stopped and state.step < steps:
-            raise TrainingStopped(f"training stopped at step {state.step}/{steps}; state saved in {work.root}: "
-                                  "rerun the same command to resume")
-        wall_time = wall_before + time.perf_counter() - started
-
-        losses = state.losses
-        tail = losses[-max(1, min(20, len(losses) // 10)):]
         meta = {
             "format": CVAE_ARTIFACT_FORMAT,
             "arch": "cvae",
             "code_version": cvae_code_version(),
             "config": cvae_config.to_dict(),
-            "layout": layout.to_dict(),
-            "layout_fingerprint": layout.fingerprint,
-            "registry_layout_fingerprint": data.registry_layout,
-            "base_model": data.base_model,
-            "base_fingerprint": data.base_fingerprint,
+            **training_meta(data, layout, exclude_tasks, checkpoints_per_task, state, {
+                **settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
+                "device": str(device), "fingerprint": fingerprint}),
             "base_identity": base_identity,
             "condition": condition,
             "task_vector_sha256": {t: _vector_digest(v) for t, v in vectors.items()},
-            "peft_config": data.peft_fields,
-            "dtype": data.dtype,
-            "adapters": data.adapters,
-            "tasks": data.tasks,
-            "excluded_tasks": sorted(set(exclude_tasks)),
-            "checkpoints_per_task": checkpoints_per_task,
-            "prompts_per_task": {t: len(v) for t, v in data.prompts.items()},
-            "steps": state.step,
-            "final_loss": float(losses[-1]) if losses else None,
-            "final_loss_mean": float(sum(tail) / len(tail)) if tail else None,
-            "loss_curve": _subsample_curve(losses),
-            "training": {**settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
-                         "device": str(device), "fingerprint": fingerprint},
             "wall_time_s": round(wall_time, 3),
             "task_vector_s": round(task_vector_s, 3),
             "cvae_parameters": model.num_parameters(),

@@ -350,6 +350,66 @@ def _model_and_state(work, build_model, seed: int, steps: int):
     return model, state or TrainState(seed=seed), record
 
 
+def run_chunked_training(work, model, state, *, steps: int, save_every: int, train_chunk, on_step, record: dict,
+                         wall_before: float):
+    """Train up to ``steps`` in chunks of ``save_every``, saving the state after each chunk and on Ctrl-C.
+
+    ``train_chunk(model, state, target, on_chunk_step) -> (model, state)`` trains to step ``target``;
+    ``on_step(step, steps, loss)`` returning False stops after that step (state saved,
+    ``TrainingStopped`` raised). Returns ``(model, state, wall_time_s)``, resumed runs included.
+    """
+    started, stopped = time.perf_counter(), False
+
+    def stop_requested(step: int, _chunk_end: int, loss: float):
+        nonlocal stopped
+        if on_step is not None and on_step(step, steps, loss) is False:  # the whole run, not the chunk
+            stopped = True
+            return False
+        return None
+
+    def save() -> None:
+        work.save(state, model, {**record, "wall_time_s": wall_before + time.perf_counter() - started})
+
+    try:
+        while state.step < steps and not stopped:
+            target = min(steps, (state.step // save_every + 1) * save_every)
+            model, state = train_chunk(model, state, target, stop_requested)
+            save()
+    except KeyboardInterrupt:
+        save()
+        raise
+    if stopped and state.step < steps:
+        raise TrainingStopped(f"training stopped at step {state.step}/{steps}; state saved in {work.root}: "
+                              "rerun the same command to resume")
+    return model, state, wall_before + time.perf_counter() - started
+
+
+def training_meta(data: TrainingSet, layout, exclude_tasks: Sequence[str], checkpoints_per_task: dict, state,
+                  training: dict) -> dict:
+    """The artifact metadata every generator records: what it was trained on and how training went."""
+    losses = state.losses
+    tail = losses[-max(1, min(20, len(losses) // 10)):]
+    return {
+        "layout": layout.to_dict(),
+        "layout_fingerprint": layout.fingerprint,
+        "registry_layout_fingerprint": data.registry_layout,
+        "base_model": data.base_model,
+        "base_fingerprint": data.base_fingerprint,
+        "peft_config": data.peft_fields,
+        "dtype": data.dtype,
+        "adapters": data.adapters,
+        "tasks": data.tasks,
+        "excluded_tasks": sorted(set(exclude_tasks)),
+        "checkpoints_per_task": checkpoints_per_task,
+        "prompts_per_task": {t: len(v) for t, v in data.prompts.items()},
+        "steps": state.step,
+        "final_loss": float(losses[-1]) if losses else None,
+        "final_loss_mean": float(sum(tail) / len(tail)) if tail else None,
+        "loss_curve": _subsample_curve(losses),
+        "training": training,
+    }
+
+
 def train_generator_from_registry(
     reg, name: str | None = None, tasks: Sequence[str] | None = None, exclude_tasks: Sequence[str] = (),
     steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int | None = None,
@@ -445,61 +505,23 @@ def train_generator_from_registry(
         device = resolve_device(device)
         status(f"training on {device}" + (f", resuming at step {resumed_from}" if resumed_from else ""))
 
-        started, stopped = time.perf_counter(), False
+        model, state, wall_time = run_chunked_training(
+            work, model, state, steps=steps, save_every=save_every, on_step=on_step, wall_before=wall_before,
+            record={"fingerprint": fingerprint, "name": name},
+            train_chunk=lambda model, state, target, on_chunk_step: train_generator(
+                model, dataset, steps=target, lr=lr, batch_size=batch_size, device=device, on_step=on_chunk_step,
+                state=state, seed=seed, weight_decay=weight_decay, grad_clip=grad_clip))
 
-        def stop_requested(step: int, _chunk_end: int, loss: float):
-            nonlocal stopped
-            if on_step is not None and on_step(step, steps, loss) is False:  # the whole run, not the chunk
-                stopped = True
-                return False
-            return None
-
-        def save() -> None:
-            work.save(state, model, {"fingerprint": fingerprint, "name": name,
-                                     "wall_time_s": wall_before + time.perf_counter() - started})
-
-        try:
-            while state.step < steps and not stopped:
-                target = min(steps, (state.step // save_every + 1) * save_every)
-                model, state = train_generator(model, dataset, steps=target, lr=lr, batch_size=batch_size,
-                                               device=device, on_step=stop_requested, state=state, seed=seed,
-                                               weight_decay=weight_decay, grad_clip=grad_clip)
-                save()
-        except KeyboardInterrupt:
-            save()
-            raise
-        if stopped and state.step < steps:
-            raise TrainingStopped(f"training stopped at step {state.step}/{steps}; state saved in {work.root}: "
-                                  "rerun the same command to resume")
-        wall_time = wall_before + time.perf_counter() - started
-
-        losses = state.losses
-        tail = losses[-max(1, min(20, len(losses) // 10)):]
         meta = {
             "format": ARTIFACT_FORMAT,
             "code_version": code_version(),
             "config": decoder_config.to_dict(),
-            "layout": layout.to_dict(),
-            "layout_fingerprint": layout.fingerprint,
-            "registry_layout_fingerprint": data.registry_layout,
-            "base_model": data.base_model,
-            "base_fingerprint": data.base_fingerprint,
+            **training_meta(data, layout, exclude_tasks, checkpoints_per_task, state, {
+                **settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
+                "device": str(device), "fingerprint": fingerprint}),
             "encoder": reg.encoder_id,
             "prompt_tokens": decoder_config.prompt_tokens,
             "n_prompts": n_prompts,
-            "peft_config": data.peft_fields,
-            "dtype": data.dtype,
-            "adapters": data.adapters,
-            "tasks": data.tasks,
-            "excluded_tasks": sorted(set(exclude_tasks)),
-            "checkpoints_per_task": checkpoints_per_task,
-            "prompts_per_task": {t: len(v) for t, v in data.prompts.items()},
-            "steps": state.step,
-            "final_loss": float(losses[-1]) if losses else None,
-            "final_loss_mean": float(sum(tail) / len(tail)) if tail else None,
-            "loss_curve": _subsample_curve(losses),
-            "training": {**settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
-                         "device": str(device), "fingerprint": fingerprint},
             "wall_time_s": round(wall_time, 3),
             "decoder_parameters": model.num_parameters(),
         }
