@@ -138,6 +138,7 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
         generator_seconds = artifact.meta.get("wall_time_s", time.perf_counter() - start)
         on_status(f"generator {generator_ref} ready")
 
+    outside_pool = {a.task for a in reg.list_adapters(kind="harvested")} - set(zoo)  # frozen for every row
     total = len(settings.held_out) * len(settings.methods)
     done = 0
     results: list[MethodResult] = []
@@ -151,7 +152,7 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
             if cached is None:
                 on_status(f"{task_name}: {method}")
                 cached = _run_method(reg, method, task, prompts, settings, generator_ref, evaluate,
-                                     training_tasks, test_kwargs, base_kwargs, pool_tasks=zoo)
+                                     training_tasks, test_kwargs, base_kwargs, outside_pool)
                 if cached is not None:
                     _save_row(out, cached)
             if cached is not None:
@@ -176,7 +177,7 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
 
 
 def _run_method(reg, method, task, prompts, settings, generator_ref, evaluate, training_tasks, test_kwargs,
-                base_kwargs, pool_tasks):
+                base_kwargs, outside_pool: set[str]):
     """Obtain the method's adapter for ``task`` (timed) and score it on the test items."""
     if method == "base":
         return MethodResult(task.name, method, _scores(evaluate(task, **base_kwargs)), 0.0, None)
@@ -196,7 +197,6 @@ def _run_method(reg, method, task, prompts, settings, generator_ref, evaluate, t
         from retrieval.service import compose_adapter
 
         start = time.perf_counter()
-        outside_pool = {a.task for a in reg.list_adapters(kind="harvested")} - set(pool_tasks)
         info = compose_adapter(reg, prompts, k=settings.k, strategy=method, name=f"bench-{task.name}-{method}",
                                exclude_tasks=sorted({task.name} | outside_pool), kind="harvested",
                                one_per_task=True, task=task.name)
