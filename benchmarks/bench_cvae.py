@@ -68,8 +68,9 @@ def storage_report(reg, info, tensors: dict, finals: dict) -> dict:
     adapters = [reg.resolve(a["ref"]) for a in info.meta["adapters"]]
     all_bytes = sum(a.size_bytes for a in adapters)
     final_bytes = sum(a.size_bytes for a in finals.values())
-    parts = {"cvae_weights": tensor_bytes(tensors, "cvae."), "normalizer": tensor_bytes(tensors, "normalizer."),
-             "task_vectors": tensor_bytes(tensors, "task_vector.")}
+    basis = tensor_bytes(tensors, "cvae.basis")
+    parts = {"cvae_weights": tensor_bytes(tensors, "cvae.") - basis, "cvae_basis": basis,
+             "normalizer": tensor_bytes(tensors, "normalizer."), "task_vectors": tensor_bytes(tensors, "task_vector.")}
     return {
         "generator_bytes": info.size_bytes,
         "generator_parts_bytes": parts,

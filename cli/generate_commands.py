@@ -17,8 +17,8 @@ TasksOption = Annotated[list[str], typer.Option("--tasks", help="Train only on t
 ExcludeOption = Annotated[list[str], typer.Option("--exclude-tasks", help="Hold these tasks out (repeatable).")]
 # CVAE-only options (None: the service's default); refused with --arch dnd.
 CVAE_CLI_OPTIONS = {"latent_dim": "--latent-dim", "positions": "--positions", "flat_channels": "--flat-channels",
-                    "cond_embed": "--cond-embed", "kl_weight": "--kl-weight", "center": "--center",
-                    "max_length": "--max-length"}
+                    "cond_embed": "--cond-embed", "basis_dim": "--basis-dim", "kl_weight": "--kl-weight",
+                    "center": "--center", "max_length": "--max-length"}
 
 
 def _seconds(value: float) -> str:
@@ -43,6 +43,7 @@ def train_generator(
     positions: Annotated[Optional[int], typer.Option("--positions", help="cvae: target length P after the conv stack (default 512).")] = None,
     flat_channels: Annotated[Optional[int], typer.Option("--flat-channels", help="cvae: channels F_c flattened into the latent heads (default 4).")] = None,
     cond_embed: Annotated[Optional[int], typer.Option("--cond-embed", help="cvae: projected task-vector size E (default 128).")] = None,
+    basis_dim: Annotated[Optional[int], typer.Option("--basis-dim", help="cvae: learned basis directions K (default: one per training task; 0: the paper's conv-only decoder).")] = None,
     kl_weight: Annotated[Optional[float], typer.Option("--kl-weight", help="cvae: weight of the KL term (default 1e-3).")] = None,
     center: Annotated[Optional[str], typer.Option(help="cvae: normaliser centring, element (default; stores the mean adapter) or token (smaller).")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="cvae: prompt tokens kept for the task vector (default 512).")] = None,
@@ -63,7 +64,8 @@ def train_generator(
     if arch not in ARCHES:
         raise RegistryError(f"--arch must be one of {', '.join(ARCHES)}, not {arch!r}")
     given = {"latent_dim": latent_dim, "positions": positions, "flat_channels": flat_channels,
-             "cond_embed": cond_embed, "kl_weight": kl_weight, "center": center, "max_length": max_length}
+             "cond_embed": cond_embed, "basis_dim": basis_dim, "kl_weight": kl_weight, "center": center,
+             "max_length": max_length}
     given = {k: v for k, v in given.items() if v is not None}
     if arch == "cvae":
         options = {**given, "seed": seed, "save_every": save_every, "base_model": base_model}

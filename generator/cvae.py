@@ -3,7 +3,9 @@
     x (B, D) --pad--> (B, D', 1) --strided conv stack--> (B, P, C) --1x1--> (B, P, F_c) --flatten-->
     [features (B, P*F_c) ; cond (B, E)] --Linear--> mu, logvar (B, Z)  # the condition joins before the heads
     z = mu + exp(logvar / 2) * eps                                      # reparameterisation
-    [z ; cond] --Linear--> (B, P, F_c) --1x1--> (B, P, C) --transposed conv stack--> (B, D', 1) --crop--> (B, D)
+    decoder([z ; cond]) = conv path + basis path                        # the condition joins before decoding
+      conv path:  --Linear--> (B, P, F_c) --1x1--> (B, P, C) --transposed conv stack--> (B, D', 1) --crop--> (B, D)
+      basis path: --MLP--> coefficients (B, K) @ basis (K, D) --> (B, D)
 
 x is one adapter's real weights only: its ``TokenNormalizer``-normalised token grid flattened
 through ``token_mask(layout)`` (``flatten_tokens``), so padding is never modelled; D =
@@ -11,8 +13,22 @@ through ``token_mask(layout)`` (``flatten_tokens``), so padding is never modelle
 to D' = P * prod(strides). Every conv has kernel = stride (non-overlapping patches), so each layer
 divides (encoder) or multiplies (decoder) the length by exactly its stride; they run channels-last
 as one matmul per layer (``PatchConv``), because at D in the millions a CPU step is bound by
-memory traffic at full resolution, not by arithmetic. Neighbouring LoRA weights are not spatially
-smooth, so overlapping kernels would buy little. SiLU between layers.
+memory traffic at full resolution, not by arithmetic. SiLU between layers.
+
+Why two decoder paths. The paper's decoder is the transposed-conv stack alone. Its last layers are
+shared by every position, so each patch of prod(strides) output weights is one fixed function of
+the F_c numbers at its position: it can draw structure repeated along the adapter, not weights
+that differ freely from task to task. Measured on the zoo (15 tasks x 10 checkpoints of
+SmolLM2-135M, element-centred): 99.9 % of the normalised variance lies *between* tasks (the
+checkpoints of one task are nearly identical; AdamW moves every LoRA weight by about the learning
+rate per step, so each task's weights are a dense, noise-like displacement of its own), the top 16
+principal directions hold 99.93 %, and the conv-only CVAE decoded the mean adapter for every task
+(cosine 1.000 between its outputs). So the decoder adds a learned basis of K directions (K, D),
+initialised from the training set's top-K principal directions (``principal_basis``, scaled so the
+coefficients have unit variance) and trained with the rest, whose K coefficients are an MLP of
+[z ; cond]. With K >= the number of training tasks it can place every task's adapter; the cost is
+K * D parameters, i.e. the generator stores about K adapters' worth of weights (``basis_dim = 0``
+gives the paper's conv-only decoder).
 
 The condition: the task vector (``generator.task_vector``) is standardised with statistics fitted
 over the training tasks (``fit_condition``: minus the mean task vector, divided by one scalar RMS,
@@ -25,18 +41,9 @@ paper uses a small weight so reconstruction dominates; relative to a *mean* MSE 
 1e-3 is already a far stronger prior pull than the exact ELBO's (2/D), which keeps the posterior
 near N(0, I) so that decoding z = 0 (what generation does) stays in distribution.
 
-Capacity, honestly: the decoder can only produce arbitrary outputs when F = F_c * P >= D (each
-output patch of prod(strides) weights is a shared function of the F_c features at its position).
-CPU-sized configs for big adapters (F of a few thousand for D in the millions) are lossy
-compressors: they reproduce the structure shared across the training adapters and the
-task-specific directions they can fit, not unstructured noise (e.g. the random part of LoRA A's
-initialisation that the normaliser's mean adapter does not already hold). ``positions`` and
-``flat_channels`` set F; the two Linear layers around the latent cost ~F * (2Z + Z + 2E) weights.
-
-At the SmolLM2 size (D = 2,442,240, H = 576) the defaults give strides 8,8,8,8, P = 597, F = 2,388
-and 2.31 M parameters (9.2 MB in fp32, vs 9.8 MB for one fp32 adapter; the element-centred
-normaliser adds 12.2 MB, a token-centred one 2.5 MB), and one training step at batch 4 takes
-~1.3 s on one shared CPU core.
+At the SmolLM2 size (D = 2,442,240, H = 576) the conv defaults give strides 8,8,8,8, P = 597,
+F = F_c * P = 2,388 and 2.31 M parameters (9.2 MB in fp32); the basis adds K * D (K = 15: 36.6 M,
+147 MB). The element-centred normaliser adds 12.2 MB, a token-centred one 2.5 MB.
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ class CVAEConfig:
     positions: int = 512                    # target length P after the conv stack (when strides is None)
     flat_channels: int = 4                  # F_c: channels flattened into the latent heads (F = F_c * P)
     cond_embed: int = 128                   # E: projected condition size
+    basis_dim: int = 0                      # K: learned basis directions (0: the paper's conv-only decoder)
+    coefficient_hidden: int = 256           # width of the MLP [z ; cond] -> K coefficients
     layout_fingerprint: str | None = None   # the LoraLayout this CVAE was built for
 
     def __post_init__(self):
@@ -77,6 +86,8 @@ class CVAEConfig:
             raise ValueError("input_dim, cond_dim and latent_dim must be >= 1")
         if self.flat_channels < 1 or self.cond_embed < 1 or self.positions < 1:
             raise ValueError("flat_channels, cond_embed and positions must be >= 1")
+        if self.basis_dim < 0 or self.coefficient_hidden < 1:
+            raise ValueError("basis_dim must be >= 0 and coefficient_hidden >= 1")
         if self.strides is None:
             self.strides = auto_strides(self.input_dim, self.positions)
         self.strides = [int(s) for s in self.strides]
@@ -168,6 +179,28 @@ def flat_to_state_dict(flat: Tensor, layout: LoraLayout, normalizer: TokenNormal
     """Normalised real weights (D,) -> a PEFT LoRA state dict in ``layout``."""
     grid = unflatten_tokens(flat.detach().float().cpu(), token_mask(layout))  # (T, h, w)
     return tokens_to_state_dict(normalizer.denormalize(grid), layout, dtype=dtype)
+
+
+def principal_basis(weights: Tensor, k: int) -> Tensor:
+    """(N, D) normalised training weights -> (k, D): their top-k principal directions, each scaled by
+    its RMS coefficient sqrt(lambda / N), so a training adapter's coefficients have unit variance.
+
+    Uncentred (the normaliser already subtracted the mean adapter). Through the (N, N) Gram matrix
+    in float64, so the cost is N^2 * D and the memory (N, D): fine for the hundreds of adapters a
+    registry holds. Directions beyond the data's rank (k > N, or variance under 1e-6 of the
+    largest: float32 noise) are zero.
+    """
+    weights = weights.detach().float()
+    N, D = weights.shape
+    gram = (weights @ weights.T).double()                  # (N, N)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)    # ascending
+    order = eigenvalues.flip(0)[:k].clamp_min(0.0)         # (k',) largest first
+    vectors = eigenvectors.flip(1)[:, :k]                  # (N, k')
+    keep = order > order.max().clamp_min(1e-30) * 1e-6     # drop directions at float32 noise level
+    basis = (vectors[:, keep].T.float() @ weights) / math.sqrt(N)  # (k'', D) = X^T v / sqrt(N)
+    out = weights.new_zeros(k, D)
+    out[:basis.shape[0]] = basis
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -263,6 +296,11 @@ class LoraCVAE(nn.Module):
         self.heads = nn.Linear(Fe + E, 2 * Z)       # -> [mu ; logvar]
         self.latent_to_features = nn.Linear(Z + E, Fe)
         self.decoder = ConvDecoder(config)
+        K = config.basis_dim
+        if K:
+            self.to_coefficients = nn.Sequential(nn.Linear(Z + E, config.coefficient_hidden), nn.SiLU(),
+                                                 nn.Linear(config.coefficient_hidden, K))
+            self.basis = nn.Parameter(torch.zeros(K, config.input_dim))  # (K, D), set by fit_basis
         self._init_weights()
 
     @torch.no_grad()
@@ -279,6 +317,9 @@ class LoraCVAE(nn.Module):
         Z = self.config.latent_dim
         self.heads.weight[Z:].mul_(0.01)            # logvar ~ 0: q(z|x,c) starts near the prior
         self.decoder.deconvs[-1].linear.weight.mul_(0.1)  # output ~ 0: the normaliser's mean adapter
+        if self.config.basis_dim:
+            nn.init.zeros_(self.to_coefficients[-1].weight)  # coefficients 0: the basis path starts silent
+            nn.init.zeros_(self.to_coefficients[-1].bias)
 
     @property
     def device(self) -> torch.device:
@@ -301,6 +342,12 @@ class LoraCVAE(nn.Module):
         self.cond_mean.copy_(mean)
         self.cond_scale.copy_(spread.clamp_min(eps))
 
+    @torch.no_grad()
+    def fit_basis(self, weights: Tensor) -> None:
+        """Set the basis to the top-K principal directions of the (N, D) training weights."""
+        if self.config.basis_dim:
+            self.basis.copy_(principal_basis(weights, self.config.basis_dim).to(self.basis))
+
     def embed_condition(self, cond: Tensor) -> Tensor:
         """(B, H) task vectors -> (B, E)."""
         if cond.shape[-1] != self.config.cond_dim:
@@ -320,11 +367,15 @@ class LoraCVAE(nn.Module):
         return mu, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: Tensor, cond_embedding: Tensor) -> Tensor:
-        """(B, Z), (B, E) -> normalised weights (B, D)."""
+        """(B, Z), (B, E) -> normalised weights (B, D): the conv path plus the basis path."""
         B = z.shape[0]
-        h = self.latent_to_features(torch.cat([z, cond_embedding], dim=1))   # (B, P * F_c)
+        latent = torch.cat([z, cond_embedding], dim=1)                        # (B, Z + E)
+        h = self.latent_to_features(latent)                                   # (B, P * F_c)
         h = h.reshape(B, self.config.num_positions, self.config.flat_channels)  # (B, P, F_c)
-        return self.decoder(h)[:, :self.config.input_dim, 0]               # (B, D)
+        out = self.decoder(h)[:, :self.config.input_dim, 0]                  # (B, D)
+        if self.config.basis_dim:
+            out = out + self.to_coefficients(latent) @ self.basis             # (B, K) @ (K, D)
+        return out
 
     def forward(self, x: Tensor, cond: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(B, D), (B, H) -> reconstruction (B, D), mu, logvar (B, Z).
@@ -412,7 +463,8 @@ def train_cvae(model: LoraCVAE, dataset: CVAEDataset | Sequence[tuple[Tensor, Te
     """Train until ``state.step == steps`` (AdamW on MSE + kl_weight * KL); resumable.
 
     A fresh start (``state`` None or at step 0) first fits the condition standardisation on the
-    dataset's task vectors; a resumed run keeps the model's. The batch indices and the
+    dataset's task vectors and the basis (when ``basis_dim`` > 0) on its weights; a resumed run
+    keeps the model's. The batch indices and the
     reparameterisation noise come from one CPU generator whose state is saved in ``TrainState``, so
     ``save_training_state`` / ``load_training_state`` (``generator.training``, safetensors + JSON)
     resume exactly. ``on_step(step, steps, loss)`` runs after every step; returning False stops.
@@ -429,6 +481,8 @@ def train_cvae(model: LoraCVAE, dataset: CVAEDataset | Sequence[tuple[Tensor, Te
     model.to(device)
     if state.step == 0:
         model.fit_condition(dataset.conditions)
+        if model.config.basis_dim:
+            model.fit_basis(torch.stack(dataset.weights).to(device))  # (N, D)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     rng = torch.Generator().manual_seed(state.seed)

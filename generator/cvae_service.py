@@ -35,13 +35,14 @@ from registry.errors import RegistryError
 # The artifact's format, code version and tensor-name prefixes (its type, ``CVAE_ARTIFACT_TYPE``, is
 # ``generator.service``'s, which dispatches on it).
 CVAE_ARTIFACT_FORMAT = "cvae-generator-artifact/1"
-CVAE_SERVICE_VERSION = "cvae-service/1"
+CVAE_SERVICE_VERSION = "cvae-service/2"
 CVAE_PREFIX = "cvae."
 TASK_VECTOR_PREFIX = "task_vector."
 # CVAE defaults (``generator.cvae``: one step at batch 4 takes ~1.3 s on a CPU core at SmolLM2 size).
 DEFAULT_CVAE_BATCH_SIZE = 4
 # Options of ``train_cvae_from_registry(**config)``: CVAE shape and training settings.
-CVAE_OPTIONS = ("latent_dim", "strides", "channels", "positions", "flat_channels", "cond_embed")
+CVAE_OPTIONS = ("latent_dim", "strides", "channels", "positions", "flat_channels", "cond_embed", "basis_dim",
+                "coefficient_hidden")
 CVAE_TRAINING_OPTIONS = ("chunk_width", "center", "seed", "weight_decay", "grad_clip", "save_every", "base_model",
                          "kl_weight", "max_length")
 
@@ -114,7 +115,9 @@ def train_cvae_from_registry(
     regenerated (``regenerate_task``) without the base model.
 
     ``config`` takes CVAE options (``latent_dim`` Z = 256, ``strides``, ``channels``,
-    ``positions`` = 512, ``flat_channels`` = 4, ``cond_embed`` = 128; see ``generator.cvae``) and
+    ``positions`` = 512, ``flat_channels`` = 4, ``cond_embed`` = 128, ``basis_dim`` K = the number
+    of training tasks, 0 for the paper's conv-only decoder, ``coefficient_hidden`` = 256; see
+    ``generator.cvae``) and
     training options (``chunk_width``, ``center`` = "element", ``seed`` = 0, ``weight_decay`` = 0,
     ``grad_clip`` = 1, ``save_every`` = 100, ``base_model``, ``kl_weight`` = 1e-3,
     ``max_length`` = 512 prompt tokens for the task vector). Resumable, ``on_step`` and ``resume``
@@ -166,6 +169,8 @@ def train_cvae_from_registry(
         for task in data.tasks:
             grids[task] = stack_token_grids(data.checkpoints[task], layout)
             data.checkpoints[task] = []
+        # one basis direction per training task by default: enough to place each task's adapter
+        model_options.setdefault("basis_dim", len(data.tasks))
         cvae_config = CVAEConfig.from_layout(layout, cond_dim=hidden, **model_options)
         mask = token_mask(layout)
         normalizer = TokenNormalizer.fit(torch.cat(list(grids.values())), mask, center=center)
@@ -216,6 +221,8 @@ def train_cvae_from_registry(
             "cvae_parameters": model.num_parameters(),
         }
         model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if "basis" in model_state:  # K * D dominates the artifact: stored in float16, widened on load
+            model_state["basis"] = model_state["basis"].to(torch.float16)
         tensors = {f"{CVAE_PREFIX}{k}": v for k, v in model_state.items()}
         tensors[f"{NORMALIZER_PREFIX}mean"] = normalizer.mean.contiguous()
         tensors[f"{NORMALIZER_PREFIX}std"] = normalizer.std.contiguous()

@@ -60,6 +60,9 @@ def test_train_cvae_records_exactly_what_it_trained_on(reg, harvested, tiny_base
     assert sorted(k for k in tensors if k.startswith("task_vector.")) == [f"task_vector.{t}" for t in meta["tasks"]]
     assert set(k for k in tensors if k.startswith("normalizer.")) == {"normalizer.mean", "normalizer.std"}
     assert "cvae.cond_mean" in tensors and "cvae.cond_scale" in tensors  # the fitted standardisation travels
+    # one basis direction per task by default, stored in float16 and widened to float32 on load
+    assert meta["config"]["basis_dim"] == 3 and tensors["cvae.basis"].shape == (3, 896)
+    assert tensors["cvae.basis"].dtype == torch.float16 and tensors["cvae.cond_proj.weight"].dtype == torch.float32
     # each stored vector is the base model's task vector of the task's stored prompts
     base, tokenizer = base_models.load_base(tiny_base_dir, device="cpu")
     prompts = collect_training_set(reg).prompts

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from generator.cvae import (CVAEConfig, CVAEDataset, LoraCVAE, PatchConv, PatchConvTranspose, auto_strides,
                             check_cvae_layout, cvae_loss, flat_to_state_dict, flatten_tokens, generate,
-                            generate_cvae_state_dict, reconstruct, state_dict_to_flat, train_cvae,
-                            unflatten_tokens)
+                            generate_cvae_state_dict, principal_basis, reconstruct, state_dict_to_flat,
+                            train_cvae, unflatten_tokens)
 from generator.task_vector import TaskVectorCache, prompt_states, task_vector, task_vector_key
 from generator.tokenizer import (TokenNormalizer, layout_from_state_dict, stack_token_grids, state_dict_to_tokens,
                                  token_mask)
@@ -201,6 +201,48 @@ def test_overfits_three_adapters_from_their_task_vectors(zoo):
     two = generate(model, conds[0], sample=True, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(one, two)
     assert not torch.equal(one, generated[0])
+
+
+def test_principal_basis_spans_the_data_with_unit_variance_coefficients():
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(400, 3, generator=generator))[0].T  # (3, D) orthonormal
+    scales = torch.tensor([5.0, 2.0, 0.5])
+    coefficients = torch.randn(20, 3, generator=generator)
+    weights = (coefficients * scales) @ directions                             # (N, D), rank 3
+    basis = principal_basis(weights, 5)                                        # (5, D)
+    assert basis.shape == (5, 400)
+    assert torch.all(basis[3:] == 0)                                           # beyond the rank: zero
+    norms = basis[:3].norm(dim=1)
+    assert torch.all(norms[:-1] >= norms[1:])                                  # largest first
+    unit = basis[:3] / norms[:, None]
+    torch.testing.assert_close(unit @ unit.T, torch.eye(3), atol=1e-4, rtol=0)  # orthogonal
+    # every training row is a combination of the basis with coefficients of RMS 1 per direction
+    solved = torch.linalg.lstsq(basis[:3].T, weights.T).solution.T             # (N, 3)
+    torch.testing.assert_close(solved @ basis[:3], weights, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(solved.pow(2).mean(dim=0).sqrt(), torch.ones(3), atol=1e-4, rtol=1e-4)
+
+
+def test_basis_decoder_places_tasks_a_conv_only_decoder_cannot(zoo):
+    """The measured failure this guards: a conv-only decoder too small to memorise (F << D) decodes
+    one mean-like adapter whatever the task; the basis path puts each task at its own adapter."""
+    dataset = zoo["dataset"]
+    targets = torch.stack(dataset.weights)  # (3, D)
+    conds = dataset.conditions              # (3, H)
+    small = dict(strides=[4, 4], channels=[8, 8], flat_channels=1, latent_dim=8, cond_embed=8)
+    errors = {}
+    for basis_dim in (0, 3):
+        torch.manual_seed(0)
+        model = LoraCVAE(CVAEConfig.from_layout(zoo["layout"], cond_dim=HIDDEN, basis_dim=basis_dim, **small))
+        model, _ = train_cvae(model, dataset, steps=200, lr=1e-2, batch_size=3, device="cpu")
+        generated = generate(model, conds)  # (3, D)
+        errors[basis_dim] = ((generated - targets).norm(dim=1) / targets.norm(dim=1)).max().item()
+        if basis_dim:
+            distances = distances_to(generated, targets)
+            assert torch.all(distances.argmin(dim=1) == torch.arange(3)), distances
+            # the task's vector picks the adapter: swapping conditions swaps outputs
+            swapped = generate(model, conds[[1, 0, 2]])
+            torch.testing.assert_close(swapped[0], generated[1])
+    assert errors[3] < 0.1 and errors[0] > 0.5, errors
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
