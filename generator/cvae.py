@@ -43,7 +43,8 @@ near N(0, I) so that decoding z = 0 (what generation does) stays in distribution
 
 At the SmolLM2 size (D = 2,442,240, H = 576) the conv defaults give strides 8,8,8,8, P = 597,
 F = F_c * P = 2,388 and 2.31 M parameters (9.2 MB in fp32); the basis adds K * D (K = 15: 36.6 M,
-147 MB). The element-centred normaliser adds 12.2 MB, a token-centred one 2.5 MB.
+73 MB as the registry artifact stores it, in float16). The element-centred normaliser adds 9.8 MB,
+a token-centred one 2.5 MB. One training step at batch 4 took ~0.55 s with 2 CPU threads.
 """
 
 from __future__ import annotations
