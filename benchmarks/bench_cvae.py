@@ -187,9 +187,13 @@ def main(argv: list[str] | None = None) -> dict:
                 row["acc_base"] = evaluate(task_obj, **kwargs).accuracy
             rows.append(row)
 
+    evaluated = [r for r in rows if "acc_regenerated" in r]
+    means = {key: sum(r[key] for r in evaluated) / len(evaluated)
+             for key in ("acc_final", "acc_regenerated", "agreement", "rel_err_vs_final") if evaluated}
     record = {"generator": info.ref, "generator_digest": info.sha256, "base_model": base,
               "steps": meta.get("steps"), "final_loss": meta.get("final_loss"), "config": meta.get("config"),
-              "limit": args.limit, "storage": storage, "tasks": rows}
+              "limit": args.limit, "storage": storage, "tasks": rows, "evaluated_tasks": len(evaluated),
+              "means": means}
     print_table(record)
     text = json.dumps(record, indent=2)
     print(text)
@@ -211,6 +215,11 @@ def print_table(record: dict) -> None:
               f"{pct(row.get('acc_regenerated')):>7} {pct(row.get('agreement')):>7} {row['rel_err_vs_final']:7.3f} "
               f"{row['rel_err_vs_task_mean']:7.3f} {row['rel_err_training_mean_vs_final']:7.3f} "
               f"{row['rel_dist_from_training_mean']:7.3f} {row['nearest_final']}")
+    means = record.get("means") or {}
+    if means:
+        print(f"  {'mean of ' + str(record['evaluated_tasks']) + ' evaluated':<25} {'':>7} "
+              f"{pct(means['acc_final']):>7} {pct(means['acc_regenerated']):>7} {pct(means['agreement']):>7} "
+              f"{means['rel_err_vs_final']:7.3f}")
     print("  (relerr: ||regenerated - final|| / ||final||; tmean: the same against the mean of the task's "
           "checkpoints;\n   allmean: the mean training adapter's relerr against the final one; moved: "
           "||regenerated - mean training adapter|| / ||mean training adapter||)")

@@ -43,7 +43,7 @@ def train_generator(
     positions: Annotated[Optional[int], typer.Option("--positions", help="cvae: target length P after the conv stack (default 512).")] = None,
     flat_channels: Annotated[Optional[int], typer.Option("--flat-channels", help="cvae: channels F_c flattened into the latent heads (default 4).")] = None,
     cond_embed: Annotated[Optional[int], typer.Option("--cond-embed", help="cvae: projected task-vector size E (default 128).")] = None,
-    basis_dim: Annotated[Optional[int], typer.Option("--basis-dim", help="cvae: learned basis directions K (default: one per training task; 0: the paper's conv-only decoder).")] = None,
+    basis_dim: Annotated[Optional[int], typer.Option("--basis-dim", help="cvae: learned basis directions K (default: one per training task, at most 64; 0: the paper's conv-only decoder).")] = None,
     kl_weight: Annotated[Optional[float], typer.Option("--kl-weight", help="cvae: weight of the KL term (default 1e-3).")] = None,
     center: Annotated[Optional[str], typer.Option(help="cvae: normaliser centring, element (default; stores the mean adapter) or token (smaller).")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="cvae: prompt tokens kept for the task vector (default 512).")] = None,

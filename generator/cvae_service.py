@@ -40,6 +40,9 @@ CVAE_PREFIX = "cvae."
 TASK_VECTOR_PREFIX = "task_vector."
 # CVAE defaults (``generator.cvae``: one step at batch 4 takes ~0.55 s on 2 CPU threads at SmolLM2 size).
 DEFAULT_CVAE_BATCH_SIZE = 4
+# The default basis has one direction per training task, at most this many (K * D weights, trained with
+# AdamW: ~2.5 GB of training memory at K = 64 for SmolLM2 r=8; past it tasks share directions).
+MAX_DEFAULT_BASIS_DIM = 64
 # Options of ``train_cvae_from_registry(**config)``: CVAE shape and training settings.
 CVAE_OPTIONS = ("latent_dim", "strides", "channels", "positions", "flat_channels", "cond_embed", "basis_dim",
                 "coefficient_hidden")
@@ -116,7 +119,7 @@ def train_cvae_from_registry(
 
     ``config`` takes CVAE options (``latent_dim`` Z = 256, ``strides``, ``channels``,
     ``positions`` = 512, ``flat_channels`` = 4, ``cond_embed`` = 128, ``basis_dim`` K = the number
-    of training tasks, 0 for the paper's conv-only decoder, ``coefficient_hidden`` = 256; see
+    of training tasks up to 64, 0 for the paper's conv-only decoder, ``coefficient_hidden`` = 256; see
     ``generator.cvae``) and
     training options (``chunk_width``, ``center`` = "element", ``seed`` = 0, ``weight_decay`` = 0,
     ``grad_clip`` = 1, ``save_every`` = 100, ``base_model``, ``kl_weight`` = 1e-3,
@@ -169,8 +172,8 @@ def train_cvae_from_registry(
         for task in data.tasks:
             grids[task] = stack_token_grids(data.checkpoints[task], layout)
             data.checkpoints[task] = []
-        # one basis direction per training task by default: enough to place each task's adapter
-        model_options.setdefault("basis_dim", len(data.tasks))
+        # one basis direction per training task by default (enough to place each task's adapter), capped
+        model_options.setdefault("basis_dim", min(len(data.tasks), MAX_DEFAULT_BASIS_DIM))
         cvae_config = CVAEConfig.from_layout(layout, cond_dim=hidden, **model_options)
         mask = token_mask(layout)
         normalizer = TokenNormalizer.fit(torch.cat(list(grids.values())), mask, center=center)
