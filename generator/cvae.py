@@ -187,8 +187,8 @@ def principal_basis(weights: Tensor, k: int) -> Tensor:
     its RMS coefficient sqrt(lambda / N), so a training adapter's coefficients have unit variance.
 
     Uncentred (the normaliser already subtracted the mean adapter). Through the (N, N) Gram matrix
-    in float64, so the cost is N^2 * D and the memory (N, D): fine for the hundreds of adapters a
-    registry holds. Directions beyond the data's rank (k > N, or variance under 1e-6 of the
+    (built in float32, eigendecomposed in float64), so the cost is N^2 * D and the memory (N, D):
+    fine for the hundreds of adapters a registry holds. Directions beyond the data's rank (k > N, or variance under 1e-6 of the
     largest: float32 noise) are zero.
     """
     weights = weights.detach().float()
