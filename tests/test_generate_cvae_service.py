@@ -138,9 +138,10 @@ def test_generate_with_a_cvae_ref_end_to_end_and_peft_loads_it(cli, harvested, t
     from transformers import AutoModelForCausalLM
 
     code, out, err = cli("train-generator", *TINY_CLI, "--steps", "4", "--lr", "0.01", "--batch-size", "2",
-                         "--exclude-tasks", "sort", "--json")
+                         "--exclude-tasks", "sort", "--basis-dim", "1", "--json")
     assert code == 0, err
     artifact = json.loads(out)
+    assert artifact["meta"]["config"]["basis_dim"] == 1  # --basis-dim reaches the model
     assert artifact["ref"] == "cvae@1" and artifact["artifact_type"] == CVAE_ARTIFACT_TYPE
     assert artifact["meta"]["tasks"] == ["add", "reverse"] and artifact["meta"]["excluded_tasks"] == ["sort"]
     assert artifact["meta"]["config"]["latent_dim"] == 8 and artifact["meta"]["config"]["cond_embed"] == 8
