@@ -172,6 +172,9 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
     if generator_ref:
         notes.append(f"generator {generator_ref}: {settings.generator_steps} steps, trained once in "
                      f"{generator_seconds:.0f} s (not included in per-task generation time)")
+    cvae_refs = sorted({r.extra["generator"] for r in results if r.method == "cvae" and r.extra.get("generator")})
+    if cvae_refs:
+        notes.append(f"CVAE generator {', '.join(cvae_refs)}: the newest CVAE not trained on the row's task")
     return write_report(results, out, "Generated vs retrieved vs trained adapters on held-out tasks",
                         asdict(settings), notes)
 

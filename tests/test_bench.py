@@ -16,16 +16,22 @@ def test_bench_end_to_end_and_resume(cli, tiny_base_dir, tmp_path, registry_home
     with Registry.open(registry_home) as reg:
         for name in ("add_sub", "letter_count", "larger_choice"):
             harvest_task(reg, resolve_task(name), base=str(tiny_base_dir), config=config)
+    code, _, err = cli("train-generator", "--arch", "cvae", "--positions", "16", "--flat-channels", "4",
+                       "--latent-dim", "8", "--cond-embed", "8", "--device", "cpu", "--steps", "2",
+                       "--exclude-tasks", "larger_choice")
+    assert code == 0, err
     out = tmp_path / "report"
-    args = ["bench", "--held-out", "larger_choice", "--methods", "base,oracle,training_mean,mixture,fusion,dnd",
+    args = ["bench", "--held-out", "larger_choice", "--methods", "base,oracle,training_mean,mixture,fusion,dnd,cvae",
             "--limit", "3", "--generator-steps", "2", "-k", "2", "--out", out, "--json"]
     code, stdout, err = cli(*args)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     methods = {row["method"]: row for row in report["rows"]}
-    assert set(methods) == {"base", "oracle", "training_mean", "mixture", "fusion", "dnd"}
+    assert set(methods) == {"base", "oracle", "training_mean", "mixture", "fusion", "dnd", "cvae"}
     assert all(row["n"] == 3 and 0 <= row["accuracy"] <= 1 for row in methods.values())
     assert methods["training_mean"]["extra"]["adapters"] == ["add_sub@2", "letter_count@2"]
+    assert methods["cvae"]["extra"]["generator"] == "cvae@1"  # the CVAE that never saw larger_choice
+    assert "CVAE generator cvae@1: the newest CVAE not trained on the row's task" in report["notes"]
     assert methods["mixture"]["seconds_to_adapter"] > 0 and methods["dnd"]["adapter_ref"].startswith("bench-larger_choice-dnd@")
     with Registry.open(registry_home) as reg:
         composed = reg.resolve(methods["mixture"]["adapter_ref"])
