@@ -16,9 +16,11 @@ def test_bench_end_to_end_and_resume(cli, tiny_base_dir, tmp_path, registry_home
     with Registry.open(registry_home) as reg:
         for name in ("add_sub", "letter_count", "larger_choice"):
             harvest_task(reg, resolve_task(name), base=str(tiny_base_dir), config=config)
-    code, _, err = cli("train-generator", "--arch", "cvae", "--positions", "16", "--flat-channels", "4",
-                       "--latent-dim", "8", "--cond-embed", "8", "--device", "cpu", "--steps", "2",
-                       "--exclude-tasks", "larger_choice")
+    tiny_cvae = ["train-generator", "--arch", "cvae", "--positions", "16", "--flat-channels", "4", "--latent-dim", "8",
+                 "--cond-embed", "8", "--device", "cpu", "--steps", "2"]
+    code, _, err = cli(*tiny_cvae, "--exclude-tasks", "larger_choice")
+    assert code == 0, err
+    code, _, err = cli(*tiny_cvae, "--name", "cvae-all")  # newer, but it saw the held-out task: not used
     assert code == 0, err
     out = tmp_path / "report"
     args = ["bench", "--held-out", "larger_choice", "--methods", "base,oracle,training_mean,mixture,fusion,dnd,cvae",
@@ -31,7 +33,7 @@ def test_bench_end_to_end_and_resume(cli, tiny_base_dir, tmp_path, registry_home
     assert all(row["n"] == 3 and 0 <= row["accuracy"] <= 1 for row in methods.values())
     assert methods["training_mean"]["extra"]["adapters"] == ["add_sub@2", "letter_count@2"]
     assert methods["cvae"]["extra"]["generator"] == "cvae@1"  # the CVAE that never saw larger_choice
-    assert "CVAE generator cvae@1: the newest CVAE not trained on the row's task" in report["notes"]
+    assert "CVAE generator cvae@1: the newest CVAE trained on none of the held-out tasks" in report["notes"]
     assert methods["mixture"]["seconds_to_adapter"] > 0 and methods["dnd"]["adapter_ref"].startswith("bench-larger_choice-dnd@")
     with Registry.open(registry_home) as reg:
         composed = reg.resolve(methods["mixture"]["adapter_ref"])
@@ -61,3 +63,16 @@ def _stop_at(step):
         if current == step:
             raise KeyboardInterrupt
     return on_step
+
+
+def test_bench_cvae_saw_none_of_the_held_out_tasks():
+    from types import SimpleNamespace
+
+    from evaluation.compare import _generator_without
+
+    artifacts = [SimpleNamespace(ref="cvae@1", meta={"tasks": ["a", "b"]}),
+                 SimpleNamespace(ref="cvae@2", meta={"tasks": ["a", "held2"]})]  # newer, saw another held-out task
+    reg = SimpleNamespace(list_artifacts=lambda artifact_type: artifacts)
+    assert _generator_without(reg, "generator-cvae", ["held1", "held2"]) == "cvae@1"
+    assert _generator_without(reg, "generator-cvae", ["held1"]) == "cvae@2"
+    assert _generator_without(reg, "generator-cvae", ["a"]) is None
