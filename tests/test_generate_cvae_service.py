@@ -272,3 +272,18 @@ def test_bad_cvae_inputs_are_refused_without_writing(cli, harvested, reg, regist
     with pytest.raises(GeneratorError, match="unknown CVAE option"):
         train_cvae_from_registry(reg, steps=1, n_layers=2)
     assert registry_state(registry_home) == before
+
+
+def test_adapter_variance_benchmark_splits_the_norm(reg, harvested, registry_home):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from adapter_variance import main
+
+    record = main(["--home", str(registry_home)])
+    assert (record["tasks"], record["adapters"], record["parameters"]) == (3, 6, 896)
+    assert record["between_task_share"] + record["within_task_share"] == pytest.approx(1.0)
+    assert 0 < record["within_task_share"] < 1
+    shares = list(record["top_k_share"].values())
+    assert list(record["top_k_share"]) == [1, 2, 4] and shares == sorted(shares) and shares[-1] <= 1 + 1e-9
