@@ -22,14 +22,14 @@ def main() -> None:
 
     from evaluation.compare import harvested_tasks
     from harvest.service import resolve_task
+    from harvest.zoo import zoo_names
     from registry.store import Registry
     from retrieval.service import retrieval_accuracy
 
-    from harvest.zoo import zoo_names
-
     reg = Registry.open(args.home)
     harvested = harvested_tasks(reg)
-    names = [name for name in harvested if name in zoo_names()]  # others stay in the pool as distractors
+    zoo = set(zoo_names())
+    names = [name for name in harvested if name in zoo]  # others stay in the pool as distractors
     if len(names) < len(harvested):
         print(f"in the pool but not queried (not zoo tasks): {', '.join(sorted(set(harvested) - set(names)))}")
     queries = {name: resolve_task(name).prompts("test")[: args.per_task] for name in names}

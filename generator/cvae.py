@@ -413,10 +413,11 @@ class CVAEDataset:
     def __init__(self, pairs: Sequence[tuple[Tensor, Tensor]], task_of: Sequence[str] | None = None):
         if not pairs:
             raise ValueError("a CVAE dataset needs at least one (weights, task vector) pair")
-        self.weights = [w.detach().float().cpu().reshape(-1) for w, _ in pairs]  # K x (D,)
-        self.conditions = torch.stack([c.detach().float().cpu().reshape(-1) for _, c in pairs])  # (K, H)
-        if len({w.shape[0] for w in self.weights}) != 1:
+        flat = [w.detach().float().cpu().reshape(-1) for w, _ in pairs]  # K x (D,)
+        if len({w.shape[0] for w in flat}) != 1:
             raise ValueError("all weight vectors must have the same length D")
+        self.weights = torch.stack(flat)                                            # (K, D)
+        self.conditions = torch.stack([c.detach().float().cpu().reshape(-1) for _, c in pairs])  # (K, H)
         if task_of is not None and len(task_of) != len(pairs):
             raise ValueError("task_of needs one entry per pair")
         self.task_of = list(task_of) if task_of is not None else None
@@ -437,7 +438,7 @@ class CVAEDataset:
 
     @property
     def input_dim(self) -> int:
-        return self.weights[0].shape[0]
+        return self.weights.shape[1]
 
     @property
     def cond_dim(self) -> int:
@@ -449,7 +450,7 @@ class CVAEDataset:
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """A random batch (with replacement): weights (B, D), task vectors (B, H)."""
         indices = torch.randint(len(self), (batch_size,), generator=generator)
-        return torch.stack([self.weights[i] for i in indices]), self.conditions[indices]
+        return self.weights[indices], self.conditions[indices]
 
 
 # -----------------------------------------------------------------------------
@@ -483,7 +484,7 @@ def train_cvae(model: LoraCVAE, dataset: CVAEDataset | Sequence[tuple[Tensor, Te
     if state.step == 0:
         model.fit_condition(dataset.conditions)
         if model.config.basis_dim:
-            model.fit_basis(torch.stack(dataset.weights).to(device))  # (N, D)
+            model.fit_basis(dataset.weights.to(device))  # (N, D)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     rng = torch.Generator().manual_seed(state.seed)

@@ -173,7 +173,7 @@ def distances_to(generated: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 def test_overfits_three_adapters_from_their_task_vectors(zoo):
     dataset = zoo["dataset"]
-    targets = torch.stack(dataset.weights)  # (3, D) normalised, sorted by task
+    targets = dataset.weights  # (3, D) normalised, sorted by task
     conds = dataset.conditions              # (3, H)
     torch.manual_seed(0)
     model = LoraCVAE(CVAEConfig.from_layout(zoo["layout"], cond_dim=HIDDEN, **TINY_CVAE))
@@ -226,7 +226,7 @@ def test_basis_decoder_places_tasks_a_conv_only_decoder_cannot(zoo):
     """The measured failure this guards: a conv-only decoder too small to memorise (F << D) decodes
     one mean-like adapter whatever the task; the basis path puts each task at its own adapter."""
     dataset = zoo["dataset"]
-    targets = torch.stack(dataset.weights)  # (3, D)
+    targets = dataset.weights  # (3, D)
     conds = dataset.conditions              # (3, H)
     small = dict(strides=[4, 4], channels=[8, 8], flat_channels=1, latent_dim=8, cond_embed=8)
     errors = {}
