@@ -1,0 +1,80 @@
+"""One precision policy for harvest, evaluation, generator training and generation.
+
+``--precision auto|fp32|bf16``:
+
+- ``fp32``: everything in float32 (the reference; bit-for-bit what the project did before).
+- ``bf16``: matmuls in bfloat16 under ``torch.autocast``. Trainable parameters (LoRA A/B, generator
+  weights) stay float32 ("master weights"), so AdamW updates are exact; a *frozen* base model is
+  stored in bfloat16 (``frozen_dtype``), which saves autocast's per-call weight casts and half the
+  memory traffic, and needs no master copy because it never changes.
+- ``auto`` (the default): ``bf16`` where the hardware runs it natively, else ``fp32``. On CPU that
+  means the processor has AVX-512 BF16 or AMX (asked of torch, not assumed from the CPU name); on
+  CUDA, ``torch.cuda.is_bf16_supported()``. Emulated bf16 is slower than fp32, so it is never chosen
+  by ``auto``; asking for ``bf16`` explicitly on such hardware still works (slowly).
+
+The resolved choice (``fp32`` or ``bf16``, never ``auto``) is what adapters and generator artifacts
+record in their metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+from registry.errors import RegistryError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+ENV_VAR = "REGISTRY_PRECISION"  # overrides the ``auto`` default (e.g. to force fp32 in a test run)
+
+
+class PrecisionError(RegistryError):
+    """An unknown precision name."""
+
+
+def device_type(device: Any) -> str:
+    """``cpu`` or ``cuda`` (or another torch device type) from a device string or object."""
+    return str(device or "cpu").split(":", 1)[0]
+
+
+def native_bf16(device: Any = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 matmuls in hardware (fast), as torch reports it."""
+    import torch
+
+    kind = device_type(device)
+    if kind == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if kind == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        checks = [getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None)]
+        return any(bool(check()) for check in checks if check is not None)
+    return False
+
+
+def resolve(precision: str | None, device: Any = "cpu") -> str:
+    """``fp32`` or ``bf16`` for a requested precision (``None`` means ``$REGISTRY_PRECISION`` or auto)."""
+    requested = (precision or os.environ.get(ENV_VAR) or "auto").lower()
+    if requested not in PRECISIONS:
+        raise PrecisionError(f"unknown precision {requested!r} (choose one of: {', '.join(PRECISIONS)})")
+    if requested == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return requested
+
+
+def frozen_dtype(precision: str):
+    """The dtype to store frozen weights in (a base model that no gradient updates)."""
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: Any = "cpu") -> Iterator[None]:
+    """``torch.autocast`` to bfloat16 for ``bf16``; a no-op context for ``fp32``."""
+    import torch
+
+    if precision == "bf16":
+        with torch.autocast(device_type(device), dtype=torch.bfloat16):
+            yield
+    else:
+        yield
