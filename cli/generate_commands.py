@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import HomeOption, JsonOption, PromptsOption, app, console, open_registry, print_json, progress
+from cli.app import (HomeOption, JsonOption, PrecisionOption, PromptsOption, app, console, open_registry, print_json,
+                     progress)
 
 TasksOption = Annotated[list[str], typer.Option("--tasks", help="Train only on these tasks (repeatable).")]
 ExcludeOption = Annotated[list[str], typer.Option("--exclude-tasks", help="Hold these tasks out (repeatable).")]
@@ -111,12 +112,12 @@ def generate(
     generator: Annotated[Optional[str], typer.Option(help="Generator artifact REF, DnD or CVAE (default: the latest DnD generator).")] = None,
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Refuse unless the generator targets this base model.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda (default: CUDA when present).")] = None,
+    precision: PrecisionOption = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
     """Generate an adapter from prompts with a trained generator (DnD or CVAE) and print its REF."""
     from generator.service import generate_adapter
-    from harvest.service import task_prompt_sample
     from registry.errors import RegistryError
     from registry.prompts import read_prompts_file
 
@@ -125,11 +126,13 @@ def generate(
     if prompts is not None:
         task_name, prompt_list = None, read_prompts_file(prompts)
     else:
+        from harvest.service import task_prompt_sample  # the zoo: only when a task is named
+
         task_name, prompt_list = task_prompt_sample(task)
     timings: dict = {}
     with open_registry(home) as reg:
         info = generate_adapter(reg, prompt_list, name, generator_ref=generator, task=task_name,
-                                base_model=base_model, device=device, timings=timings)
+                                base_model=base_model, device=device, timings=timings, precision=precision)
     if json_output:
         print_json(info.to_dict() | {"timings": timings})
         return
@@ -140,7 +143,7 @@ def generate(
         f"{'base model' if timings.get('arch') == 'cvae' else 'encoder'} {_seconds(timings['encoder_s'])}, "
         f"{'task vector' if timings.get('arch') == 'cvae' else 'embed'} {_seconds(timings['embed_s'])}, "
         f"decode {_seconds(timings['decode_s'])}, store {_seconds(timings['store_s'])}; "
-        f"total {_seconds(timings['total_s'])}", soft_wrap=True)
+        f"total {_seconds(timings['total_s'])} ({timings['precision']})", soft_wrap=True)
 
 
 @app.command()
@@ -149,6 +152,7 @@ def regenerate(
     name: Annotated[str, typer.Option(help="Name of the new adapter.")],
     generator: Annotated[Optional[str], typer.Option(help="CVAE generator artifact REF (default: the latest).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda (default: CUDA when present).")] = None,
+    precision: PrecisionOption = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
@@ -156,7 +160,7 @@ def regenerate(
     from generator.cvae_service import regenerate_adapter
 
     with open_registry(home) as reg:
-        info = regenerate_adapter(reg, generator, task, name, device=device)
+        info = regenerate_adapter(reg, generator, task, name, device=device, precision=precision)
     if json_output:
         print_json(info.to_dict())
         return

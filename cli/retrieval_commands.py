@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import HomeOption, JsonOption, PromptsOption, app, console, open_registry, print_json
+from cli.app import HomeOption, JsonOption, PrecisionOption, PromptsOption, app, console, open_registry, print_json
 
 STRATEGY_HELP = ("selection, mixture, fusion (LoraRetriever); linear, ties, dare_linear, dare_ties, magnitude_prune, "
                  "cat, svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd (PEFT)")
@@ -32,6 +32,7 @@ def compose(
     svd_rank: Annotated[Optional[int], typer.Option("--svd-rank", help="Rank of the *svd merges (default: largest input rank).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for the dare strategies.")] = None,
     n_prompts: Annotated[int, typer.Option("--n-prompts", help="With --task: how many train prompts form the query.")] = 32,
+    precision: PrecisionOption = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
@@ -39,7 +40,6 @@ def compose(
     with --from, and store the result as a new `composed` adapter with its lineage."""
     import time
 
-    from harvest.service import task_prompt_sample
     from registry.errors import RegistryError
     from registry.prompts import read_prompts_file
     from retrieval import service
@@ -53,6 +53,8 @@ def compose(
     if from_refs:
         query = None
     elif task is not None:
+        from harvest.service import task_prompt_sample  # the zoo: only when a task is named
+
         task_name, query = task_prompt_sample(task, n_prompts)
     else:
         query = read_prompts_file(prompts)
@@ -64,7 +66,7 @@ def compose(
             info = service.compose_adapter(reg, query, k, strategy, name, exclude_tasks=exclude_task,
                                            weights_mode=weights, temperature=temperature, task=task_name,
                                            base_model=base_model, kind=kind or None, one_per_task=one_per_task,
-                                           **extra)
+                                           precision=precision, **extra)
     seconds = time.perf_counter() - start
     timing = dict(info.recipe.get("timing_s", {}))
     # the rest: imports, opening the registry, storing the new version

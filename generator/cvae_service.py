@@ -285,26 +285,34 @@ def _build_cvae(info, tensors: Mapping, device) -> LoadedGenerator:
 # generating (``generate_adapter`` dispatches here) and regenerating
 
 
-def _decode_cvae(loaded: LoadedGenerator, vector) -> dict:
+def _decode_cvae(loaded: LoadedGenerator, vector, precision: str = "fp32") -> dict:
+    """Decode z = 0 for a task vector; in ``bf16`` under autocast with the CVAE's frozen conv/linear
+    weights in bfloat16 (``LoadedGenerator.model_for``); the weights returned are float32 (or the
+    artifact's dtype) either way."""
     import torch
 
     from generator.cvae import generate_cvae_state_dict
+    from registry.precision import autocast
 
     dtype = getattr(torch, str(loaded.meta.get("dtype", "float32")), torch.float32)
-    with torch.inference_mode():
-        return generate_cvae_state_dict(loaded.model, vector.to(loaded.device), loaded.normalizer, loaded.layout,
-                                        dtype=dtype)
+    with torch.inference_mode(), autocast(precision, loaded.device):
+        return generate_cvae_state_dict(loaded.model_for(precision), vector.to(loaded.device), loaded.normalizer,
+                                        loaded.layout, dtype=dtype)
 
 
-def _generate_cvae(reg, prompts: list[str], info, base_model, device, pooled: bool):
+def _generate_cvae(reg, prompts: list[str], info, base_model, device, pooled: bool, precision: str | None = None):
     """The CVAE path of ``generate_state_dict_for`` / ``generate_adapter``: prompts -> the base's task
-    vector -> decode z = 0. Returns (state dict, peft config, timings, None)."""
+    vector -> decode z = 0. Returns (state dict, peft config, timings, None). ``precision`` applies to
+    the decoding; the task vector is the base model's in fp32 (it is cached per prompts, so one
+    prompt set always gives one vector)."""
+    from generator.service import resolve_precision
     from generator.task_vector import task_vector
 
     start = time.perf_counter()
     _check_base(info.meta, info.ref, base_model)
     loaded, cached = load_generator_artifact(reg, info, device)
     meta = loaded.meta
+    precision = resolve_precision(precision, loaded.device)
     t_loaded = time.perf_counter()
 
     base, tokenizer = _load_base_for(meta["base_model"], meta.get("base_fingerprint"), loaded.device)
@@ -318,12 +326,13 @@ def _generate_cvae(reg, prompts: list[str], info, base_model, device, pooled: bo
                          cache=task_vector_cache(reg))  # (H,)
     _sync(loaded.device)
     t_vector = time.perf_counter()
-    state_dict = _decode_cvae(loaded, vector)
+    state_dict = _decode_cvae(loaded, vector, precision)
     t_decoded = time.perf_counter()
     timings = {"load_s": 0.0 if cached else t_loaded - start, "encoder_s": t_base - t_loaded,
                "embed_s": t_vector - t_base, "decode_s": t_decoded - t_vector, "total_s": t_decoded - start,
                "cached": cached, "generator": loaded.ref, "generator_digest": loaded.sha256,
-               "device": str(loaded.device), "arch": "cvae", "task_vector_sha256": _vector_digest(vector)}
+               "device": str(loaded.device), "arch": "cvae", "precision": precision,
+               "task_vector_sha256": _vector_digest(vector)}
     return state_dict, generator_peft_config(meta), timings, None
 
 
@@ -341,32 +350,38 @@ def _resolve_cvae(reg, generator_ref):
     return info
 
 
-def regenerate_task(reg, generator_ref: str | None, task: str, device=None) -> dict:
+def regenerate_task(reg, generator_ref: str | None, task: str, device=None, precision: str | None = None) -> dict:
     """The PEFT state dict a CVAE generator decodes (z = 0) from its stored vector of ``task``.
 
     Needs neither the base model nor any prompt: the storage story (one generator in place of the
     adapters it was trained on). ``generator_peft_config(info.meta)`` gives the matching config.
+    ``precision`` (``auto`` when None, ``fp32``, ``bf16``) is the decoding's, as in ``generate_adapter``.
     """
+    from generator.service import resolve_precision
+
     info = _resolve_cvae(reg, generator_ref)
     loaded, _ = load_generator_artifact(reg, info, device)
     if task not in loaded.task_vectors:
         raise GeneratorError(f"generator {loaded.ref} was not trained on task {task!r} "
                              f"(its tasks: {', '.join(sorted(loaded.task_vectors))})")
-    return _decode_cvae(loaded, loaded.task_vectors[task])
+    return _decode_cvae(loaded, loaded.task_vectors[task], resolve_precision(precision, loaded.device))
 
 
 def regenerate_adapter(reg, generator_ref: str | None, task: str, name: str, device=None,
-                       tags: Sequence[str] = ()):
+                       tags: Sequence[str] = (), precision: str | None = None):
     """``regenerate_task`` stored as a new ``generated`` adapter version (task recorded; the recipe
-    names the generator, its digest and the stored task vector's sha256). Returns its ``AdapterInfo``."""
+    names the generator, its digest, the stored task vector's sha256 and the resolved precision).
+    Returns its ``AdapterInfo``."""
+    from generator.service import resolve_precision
     from registry.refs import validate_name
 
     validate_name(name)
     info = _resolve_cvae(reg, generator_ref)
-    state_dict = regenerate_task(reg, info, task, device)
     loaded, _ = load_generator_artifact(reg, info, device)
+    precision = resolve_precision(precision, loaded.device)
+    state_dict = regenerate_task(reg, info, task, device, precision)
     recipe = {"generator": info.ref, "generator_digest": info.sha256, "generator_type": CVAE_ARTIFACT_TYPE,
-              "arch": "cvae", "regenerated_task": task,
+              "arch": "cvae", "regenerated_task": task, "precision": precision,
               "task_vector_sha256": _vector_digest(loaded.task_vectors[task])}
     return reg.add_weights(name, state_dict, generator_peft_config(info.meta), kind="generated", task=task,
                            tags=tags, recipe=recipe, parents=[])

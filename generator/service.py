@@ -44,7 +44,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -550,6 +550,39 @@ class LoadedGenerator:
     device: object       # torch.device
     task_vectors: dict | None = None  # CVAE only: task -> stored task vector (H,)
     arch: str = "dnd"                 # "dnd" (model: DnDDecoder) or "cvae" (model: LoraCVAE)
+    # made on first use and kept with the artifact: the model per precision (``model_for``) and the
+    # de-tokenising plan (``decode_plan``); both depend only on the artifact
+    _variants: dict = field(default_factory=dict, repr=False)
+    _plan: object = field(default=None, repr=False)
+    _lock: object = field(default_factory=threading.Lock, repr=False)
+
+    def model_for(self, precision: str):
+        """The model to run under ``precision``: the float32 one, or for ``bf16`` a copy whose conv and
+        linear weights are stored in bfloat16 (``registry.precision.frozen_dtype``: the generator is
+        frozen here, so autocast need not cast its weights on every call); norms and biases stay fp32."""
+        if precision == "fp32":
+            return self.model
+        import copy
+
+        import torch
+
+        from registry.precision import frozen_dtype
+
+        with self._lock:
+            if precision not in self._variants:
+                model = copy.deepcopy(self.model)
+                for module in model.modules():
+                    if isinstance(module, (torch.nn.Conv1d, torch.nn.Linear)):
+                        module.to(frozen_dtype(precision))
+                self._variants[precision] = model
+            return self._variants[precision]
+
+    def decode_plan(self):
+        """The ``DecodePlan`` of this artifact's layout and normaliser (built once)."""
+        with self._lock:
+            if self._plan is None:
+                self._plan = DecodePlan.build(self.layout, self.normalizer)
+            return self._plan
 
 
 _CACHE: dict[tuple[str, str, str], LoadedGenerator] = {}
@@ -745,34 +778,21 @@ def _sync(device) -> None:
 
 
 def _encoder_for(reg, meta: Mapping, device):
-    """The generator's prompt encoder (shared with the registry's own when it is the same model)."""
-    from registry.embeddings import EncoderNotFound, encoder_id, load_encoder
+    """The generator's prompt encoder (``registry.embeddings.load_prompt_encoder``: cached per process,
+    shared with the registry's own when it is the same model)."""
+    from registry.embeddings import EncoderNotFound, encoder_id, load_prompt_encoder
 
     name = reg.encoder if encoder_id(reg.encoder) == meta.get("encoder") else meta.get("encoder")
     try:
-        return load_encoder(name, None if device.type == "cpu" else str(device))
+        return load_prompt_encoder(name, None if device.type == "cpu" else str(device))
     except EncoderNotFound as err:
         raise GeneratorError(f"the generator's prompt encoder is not available: {err}") from None
 
 
-def _embed_prompts(encoder, prompts: list[str], prompt_tokens: int, pooled: bool):
-    """The condition (P, L, C) and, when ``pooled``, the normalised sentence embeddings (P, C) from
-    one encoder pass (the same vectors ``registry.embeddings.embed_texts`` computes)."""
-    import torch
-
-    from generator.condition import encode_prompt_tokens, pad_or_cut
-
-    if not pooled:
-        return encode_prompt_tokens(encoder, prompts, max_tokens=prompt_tokens), None
-    outputs = encoder.encode(prompts, output_value=None, batch_size=32, show_progress_bar=False,
-                             normalize_embeddings=True, convert_to_numpy=False)
-    if not all("attention_mask" in o and "sentence_embedding" in o for o in outputs):
-        return encode_prompt_tokens(encoder, prompts, max_tokens=prompt_tokens), None
-    tokens = [o["token_embeddings"][o["attention_mask"].bool()] for o in outputs]  # P x (len_i, C)
-    condition = pad_or_cut(tokens, prompt_tokens)                                    # (P, L, C)
-    vectors = torch.stack([o["sentence_embedding"] for o in outputs]).float()       # (P, C)
-    vectors = torch.nn.functional.normalize(vectors, dim=-1)
-    return condition, vectors.cpu().numpy()
+def _embed_prompts(encoder, prompts: list[str], prompt_tokens: int, precision: str = "fp32"):
+    """One encoder pass: the condition (P, L, C) (the last hidden state cut or zero-padded to L tokens)
+    and the normalised sentence embeddings (P, C) (in fp32 the vectors ``embed_texts`` computes)."""
+    return encoder.encode(prompts, tokens=prompt_tokens, precision=precision)
 
 
 def generator_peft_config(meta: Mapping) -> dict:
@@ -781,37 +801,134 @@ def generator_peft_config(meta: Mapping) -> dict:
             "bias": "none", "base_model_name_or_path": meta["base_model"]}
 
 
+def resolve_precision(precision: str | None, device) -> str:
+    """``registry.precision.resolve`` with its error as a ``GeneratorError`` (one line)."""
+    from registry.precision import PrecisionError, resolve
 
-def _generate(reg, prompts: list[str], generator_ref, base_model, device, pooled: bool):
+    try:
+        return resolve(precision, device)
+    except PrecisionError as err:
+        raise GeneratorError(str(err)) from None
+
+
+@dataclass
+class DecodePlan:
+    """Normalised tokens (T, h, w) -> the PEFT state dict in one gather and one multiply-add.
+
+    ``index`` lists, for every weight of the adapter in state-dict order (each A (r, in), then B
+    (out, r), module by module), its position in the flattened grid; it is computed by running
+    ``tokens_to_state_dict`` once on a grid of positions, so it is the tokenizer's own mapping.
+    ``scale`` and ``shift`` are the normaliser's std and (masked) mean at those positions: the
+    weights are ``tokens[index] * scale + shift``, which is ``denormalize`` + ``tokens_to_state_dict``
+    without the intermediate grid and the per-module slicing.
+    """
+
+    index: object        # (P,) int32 positions in the flattened (T*h*w) grid
+    scale: object        # (P,) float32
+    shift: object        # (P,) float32
+    keys: list
+    shapes: list
+    sizes: list
+
+    @classmethod
+    def build(cls, layout, normalizer) -> "DecodePlan":
+        import torch
+
+        from generator.tokenizer import tokens_to_state_dict
+
+        T, h, w = layout.shape
+        positions = torch.arange(T * h * w, dtype=torch.float64).reshape(T, h, w)  # exact up to 2**53
+        mapped = tokens_to_state_dict(positions, layout, dtype=torch.float64)
+        keys = list(mapped)
+        index = torch.cat([mapped[k].reshape(-1) for k in keys]).to(torch.int64)
+        std = normalizer.std.float()[:, None, None].expand(T, h, w)
+        mean = normalizer.mean.float()
+        mean = (mean[:, None, None] if mean.ndim == 1 else mean).expand(T, h, w)
+        if normalizer.mask is not None:  # denormalize zeroes padding; real weights are never padding
+            mean = mean * normalizer.mask
+        return cls(index=index.to(torch.int32), scale=std.reshape(-1)[index].contiguous(),
+                   shift=mean.reshape(-1)[index].contiguous(), keys=keys,
+                   shapes=[tuple(mapped[k].shape) for k in keys], sizes=[mapped[k].numel() for k in keys])
+
+    def state_dict(self, tokens, dtype=None) -> dict:
+        """Normalised tokens (T, h, w) -> {key: weight}; the weights share one buffer (views)."""
+        import torch
+
+        flat = tokens.detach().cpu().contiguous().reshape(-1)  # (T*h*w,) in the decoder's dtype
+        values = torch.addcmul(self.shift, flat.index_select(0, self.index).float(), self.scale)  # (P,)
+        if dtype is not None and dtype != values.dtype:
+            values = values.to(dtype)
+        return {key: part.view(shape) for key, part, shape in zip(self.keys, values.split(self.sizes), self.shapes)}
+
+
+def _mean_decode(model, groups):
+    """``model(groups).mean(dim=0)`` for condition groups (G, N, L, C) -> tokens (T, h, w), with the G
+    groups averaged just before the last layer's ConvL instead of after it.
+
+    Exact, not an approximation: the last layer ends in ConvL, a convolution (linear, no activation
+    after the last layer), so the mean of its outputs is ConvL of the mean of its inputs; the largest
+    convolution of the decoder (N -> T channels) then runs once instead of G times, and the mean is
+    taken over a (G, N, h, w) tensor instead of (G, T, h, w). A test compares it with the plain forward.
+    """
+    from torch.nn import functional as F
+
+    from generator.dnd import HyperConvLayer
+
+    last = model.layers[-1]
+    if groups.shape[0] == 1 or type(last) is not HyperConvLayer:
+        return model(groups).mean(dim=0)
+    if tuple(groups.shape[1:]) != model.config.input_shape:
+        raise ValueError(f"condition {tuple(groups.shape[1:])} != expected {model.config.input_shape}")
+    x = groups                                                     # (G, N, L, C)
+    for layer in model.layers[:-1]:
+        y = F.gelu(layer(x))                                       # (G, N', L', C')
+        x = x + y if y.shape == x.shape else y
+    h = last.norm(x)                                               # HyperConvLayer.forward up to ConvL
+    c_w = last.height1(F.gelu(last.width1(h)))                     # (G, N, h, w)
+    c_h = last.width2(F.gelu(last.height2(h)))                     # (G, N, h, w)
+    mixed = ((c_w + c_h + last.bias) / 3).mean(dim=0, keepdim=True)  # (1, N, h, w)
+    y = last.layer(mixed)[0]                                       # (T, h, w)
+    return x.mean(dim=0) + y if y.shape == x.shape[1:] else y      # the residual case: mean(x) + ConvL
+
+
+def _generate(reg, prompts: list[str], generator_ref, base_model, device, pooled: bool, precision: str | None = None):
     import torch
 
-    from generator.training import generate_state_dict
+    from generator.training import check_layout, group_prompts
+    from registry.precision import autocast
 
     start = time.perf_counter()
     info = generator_ref if hasattr(generator_ref, "sha256") else resolve_generator(reg, generator_ref)
     _check_base(info.meta, info.ref, base_model)
     loaded, cached = load_generator_artifact(reg, info, device)
     meta = loaded.meta
+    precision = resolve_precision(precision, loaded.device)
+    model = loaded.model_for(precision)
+    plan = loaded.decode_plan()
+    check_layout(loaded.model, loaded.layout)
     t_loaded = time.perf_counter()
 
     encoder = _encoder_for(reg, meta, loaded.device)
     t_encoder = time.perf_counter()
-    pooled = pooled and meta.get("encoder") == reg.encoder_id  # the registry stores its own encoder's vectors
-    condition, vectors = _embed_prompts(encoder, prompts, int(meta["prompt_tokens"]), pooled)  # (P, L, C)
+    condition, vectors = _embed_prompts(encoder, prompts, int(meta["prompt_tokens"]), precision)  # (P, L, C)
     _sync(loaded.device)
     t_embedded = time.perf_counter()
 
     dtype = getattr(torch, str(meta.get("dtype", "float32")), torch.float32)
-    with torch.inference_mode():
-        state_dict = generate_state_dict(loaded.model, condition.to(loaded.device), loaded.normalizer,
-                                         loaded.layout, dtype=dtype)
+    with torch.inference_mode(), autocast(precision, loaded.device):
+        groups = group_prompts(condition.to(loaded.device), model.config.n_prompts)  # (G, N, L, C)
+        tokens = _mean_decode(model, groups)                                          # (T, h, w)
+    state_dict = plan.state_dict(tokens, dtype)
     t_decoded = time.perf_counter()
 
     peft_config = generator_peft_config(meta)
+    # the registry stores its own encoder's vectors; bf16 ones differ from fp32 by ~1e-5 in cosine
+    vectors = vectors if pooled and meta.get("encoder") == reg.encoder_id else None
     timings = {"load_s": 0.0 if cached else t_loaded - start, "encoder_s": t_encoder - t_loaded,
                "embed_s": t_embedded - t_encoder, "decode_s": t_decoded - t_embedded,
                "total_s": t_decoded - start, "cached": cached, "generator": loaded.ref,
-               "generator_digest": loaded.sha256, "device": str(loaded.device), "arch": "dnd"}
+               "generator_digest": loaded.sha256, "device": str(loaded.device), "arch": "dnd",
+               "precision": precision}
     return state_dict, peft_config, timings, vectors
 
 
@@ -826,43 +943,52 @@ def _generator_path(info):
 
 
 def generate_state_dict_for(reg, prompts: Sequence[str], generator_ref: str | None = None,
-                            base_model: str | None = None, device=None) -> tuple[dict, dict, dict]:
+                            base_model: str | None = None, device=None,
+                            precision: str | None = None) -> tuple[dict, dict, dict]:
     """Prompts -> (PEFT state dict, adapter_config dict, timings) without storing anything.
 
     ``generator_ref`` names a DnD or a CVAE generator (dispatched on its artifact type; None: the
-    latest DnD generator). timings: ``load_s`` (resolving + decoding the artifact, 0 on a cache
-    hit), ``encoder_s`` (loading the prompt encoder, for a CVAE the base LLM; ~0 once loaded),
-    ``embed_s`` (for a CVAE: the task vector), ``decode_s`` (decoder + de-tokenising), ``total_s``,
-    ``cached``, ``generator`` (its ref), ``generator_digest``, ``device``, ``arch``.
+    latest DnD generator). ``precision`` is ``auto`` (None: ``$REGISTRY_PRECISION`` or auto), ``fp32``
+    or ``bf16`` (``registry.precision``): in bf16 the prompt encoder and the decoder run under bf16
+    autocast with their frozen weights in bfloat16; the weights returned are float32 either way.
+    timings: ``load_s`` (resolving + decoding the artifact, 0 on a cache hit), ``encoder_s`` (loading
+    the prompt encoder, for a CVAE the base LLM; ~0 once loaded), ``embed_s`` (for a CVAE: the task
+    vector), ``decode_s`` (decoder + de-tokenising), ``total_s``, ``cached``, ``generator`` (its ref),
+    ``generator_digest``, ``device``, ``arch``, ``precision`` (the resolved one).
     """
     prompts = _clean_prompts(prompts)
+    resolve_precision(precision, "cpu")  # an unknown name fails before anything is loaded
     info = resolve_any_generator(reg, generator_ref)
     generate = _generator_path(info)
-    state_dict, peft_config, timings, _ = generate(reg, prompts, info, base_model, device, pooled=False)
+    state_dict, peft_config, timings, _ = generate(reg, prompts, info, base_model, device, pooled=False,
+                                                   precision=precision)
     return state_dict, peft_config, timings
 
 
 def generate_adapter(reg, prompts: Sequence[str], name: str, generator_ref: str | None = None,
                      task: str | None = None, base_model: str | None = None, device=None,
-                     timings: dict | None = None, tags: Sequence[str] = ()):
+                     timings: dict | None = None, tags: Sequence[str] = (), precision: str | None = None):
     """Prompts -> a new ``generated`` adapter version; returns its ``AdapterInfo``.
 
     ``generator_ref`` names a DnD or a CVAE generator (dispatched on its artifact type; None: the
-    latest DnD generator). The recipe records the generator (ref + digest + type + arch) and the
-    prompts' sha256; the prompts are stored with the adapter (so it is searchable; for DnD their
-    sentence embeddings come from the same encoder pass as the condition). Pass a dict as
-    ``timings`` to receive the breakdown of ``generate_state_dict_for`` plus ``store_s``.
+    latest DnD generator); ``precision`` as in ``generate_state_dict_for``. The recipe records the
+    generator (ref + digest + type + arch), the resolved precision and the prompts' sha256; the
+    prompts are stored with the adapter (so it is searchable; for DnD their sentence embeddings come
+    from the same encoder pass as the condition). Pass a dict as ``timings`` to receive the
+    breakdown of ``generate_state_dict_for`` plus ``store_s``.
     """
     from registry.refs import validate_name
 
     validate_name(name)
     prompts = _clean_prompts(prompts)
+    resolve_precision(precision, "cpu")  # an unknown name fails before anything is loaded
     info = resolve_any_generator(reg, generator_ref)
     generate = _generator_path(info)
-    state_dict, peft_config, measured, vectors = generate(reg, prompts, info, base_model, device, pooled=True)
+    state_dict, peft_config, measured, vectors = generate(reg, prompts, info, base_model, device, pooled=True,
+                                                          precision=precision)
     start = time.perf_counter()
     recipe = {"generator": measured["generator"], "generator_digest": measured["generator_digest"],
-              "generator_type": info.artifact_type, "arch": measured["arch"],
+              "generator_type": info.artifact_type, "arch": measured["arch"], "precision": measured["precision"],
               "prompts_sha256": prompts_sha256(prompts), "n_prompts": len(prompts)}
     if measured.get("task_vector_sha256"):
         recipe["task_vector_sha256"] = measured["task_vector_sha256"]

@@ -66,13 +66,26 @@ class RetrievalError(RegistryError, ValueError):
 # --- the query ------------------------------------------------------------------------------------
 
 
-def embed_query(reg: "Registry", prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Embed a query: ``(per-prompt embeddings (n, C), normalised mean (C,))`` with the registry's encoder."""
+def embed_query(reg: "Registry", prompts: str | Sequence[str],
+                precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """Embed a query: ``(per-prompt embeddings (n, C), normalised mean (C,))`` with the registry's encoder
+    (``precision``: a resolved ``fp32`` or ``bf16``)."""
     from registry.embeddings import embed_texts, mean_embedding
 
     texts = _query_texts(prompts)
-    embeddings = embed_texts(texts, reg.encoder)  # (n, C), unit rows
+    embeddings = embed_texts(texts, reg.encoder, precision=precision)  # (n, C), unit rows
     return embeddings, mean_embedding(embeddings)
+
+
+def resolve_precision(precision: str | None) -> str:
+    """The precision the query is embedded in (``registry.precision.resolve`` on the CPU, where the
+    encoder runs): ``fp32`` or ``bf16``; an unknown name is a one-line ``RetrievalError``."""
+    from registry.precision import PrecisionError, resolve
+
+    try:
+        return resolve(precision, "cpu")
+    except PrecisionError as err:
+        raise RetrievalError(str(err)) from None
 
 
 def _query_texts(prompts: str | Sequence[str]) -> list[str]:
@@ -319,7 +332,8 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
                     temperature: float = 1.0, task: str | None = None, base_model: str | None = None,
                     kind: str | Sequence[str] | None = None, one_per_task: bool = False,
                     match: str | None = None, density: float | None = None, svd_rank: int | None = None,
-                    seed: int | None = None, tags: Iterable[str] = (), **strategy_kwargs) -> "AdapterInfo":
+                    seed: int | None = None, tags: Iterable[str] = (), precision: str | None = None,
+                    **strategy_kwargs) -> "AdapterInfo":
     """Retrieve the k adapters nearest to ``prompts``, compose them and store a ``composed`` adapter.
 
     The new version records lineage (parents with their weights) and a recipe: ``strategy``, ``k``,
@@ -327,13 +341,16 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
     few ``query_prompts``, ``scores``, ``retrieved`` REFs, ``exclude_tasks``, the strategy arguments and
     ``timing_s`` (retrieve / compose; storing is the rest of the call). Its prompts are the query
     prompts, so it is searchable.
-    ``match`` defaults to ``"layout"`` for equal-rank strategies and ``"modules"`` otherwise. Nothing is
-    written when anything fails.
+    ``match`` defaults to ``"layout"`` for equal-rank strategies and ``"modules"`` otherwise.
+    ``precision`` (``auto`` when None, ``fp32``, ``bf16``; recorded in the recipe) is the one the query
+    is embedded in; the composition itself is weight arithmetic (sums, SVDs) and stays float32.
+    Nothing is written when anything fails.
     """
     from registry.refs import validate_name
 
     _check_k(k)
     _check_strategy(strategy, weights_mode)
+    precision = resolve_precision(precision)
     kinds = _kinds(kind)
     match = _check_match(match or _match_for(strategy))
     texts = _query_texts(prompts)
@@ -342,7 +359,7 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
     exclude = sorted(set(exclude_tasks))
 
     start = time.perf_counter()
-    embeddings, vector = embed_query(reg, texts)
+    embeddings, vector = embed_query(reg, texts, precision)
     hits = _retrieve_vector(reg, vector, k, base_model=base_model, exclude_tasks=exclude, kinds=kinds,
                             one_per_task=one_per_task, match=match)
     retrieved = time.perf_counter()
@@ -366,6 +383,7 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
         "match": match,
         "kinds": list(kinds),
         "encoder": reg.encoder_id,
+        "precision": precision,
         **_strategy_recipe(density, svd_rank, seed, strategy_kwargs),
         "timing_s": {"retrieve": round(retrieved - start, 4), "compose": round(composed - retrieved, 4)},
     }

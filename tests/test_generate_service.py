@@ -144,7 +144,7 @@ def test_generate_end_to_end_and_peft_loads_it(cli, harvested, tiny_base_dir, re
 
     prompts_file = tmp_path / "sort.txt"
     prompts_file.write_text("\n".join(TASK_PROMPTS["sort"]) + "\n")
-    code, out, err = cli("generate", "--prompts", prompts_file, "--name", "sort-dnd", "--json")
+    code, out, err = cli("generate", "--prompts", prompts_file, "--name", "sort-dnd", "--precision", "fp32", "--json")
     assert code == 0, err
     generated = json.loads(out)
     assert generated["ref"] == "sort-dnd@1" and generated["kind"] == "generated"
@@ -152,6 +152,7 @@ def test_generate_end_to_end_and_peft_loads_it(cli, harvested, tiny_base_dir, re
     info = reg.resolve("sort-dnd")
     assert info.parents == [] and info.base_model == harvested["add"][0].base_model
     assert info.recipe["generator"] == "dnd@1" and info.recipe["generator_digest"] == artifact["sha256"]
+    assert info.recipe["precision"] == "fp32" and generated["timings"]["precision"] == "fp32"
     assert info.recipe["prompts_sha256"] == prompts_sha256(TASK_PROMPTS["sort"])
     assert reg.prompts(info.ref) == TASK_PROMPTS["sort"]
     # the stored prompt vectors (from the generator's own encoder pass) are the registry's embeddings
@@ -176,7 +177,7 @@ def test_generate_end_to_end_and_peft_loads_it(cli, harvested, tiny_base_dir, re
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
     # the warm path: the decoded generator is cached per process, same prompts give the same weights
-    state_dict, peft_config, timings = generate_state_dict_for(reg, TASK_PROMPTS["sort"])
+    state_dict, peft_config, timings = generate_state_dict_for(reg, TASK_PROMPTS["sort"], precision="fp32")
     assert timings["cached"] and timings["load_s"] == 0.0
     assert peft_config["base_model_name_or_path"] == info.base_model
     for key, value in stored.items():
@@ -191,6 +192,8 @@ def test_generate_end_to_end_and_peft_loads_it(cli, harvested, tiny_base_dir, re
     assert json.loads(out)["task"] == "letters" and len(reg.prompts("letters-dnd")) >= 5
     code, out, err = cli("generate", "--task", task_file, "--name", "letters-dnd")
     assert code == 0 and out.startswith("generated letters-dnd@2") and "decode" in err
+    from registry.precision import resolve
+    assert reg.resolve("letters-dnd@2").recipe["precision"] == resolve("auto")  # the default, resolved
 
 
 def test_bad_inputs_are_refused_without_writing(cli, harvested, reg, registry_home, tmp_path, tiny_adapter_factory):
@@ -230,6 +233,7 @@ def test_bad_inputs_are_refused_without_writing(cli, harvested, reg, registry_ho
         "resized decoder": (["--prompts", prompts_file, "--generator", "resized"], "do not fit its config"),
         "prompts and task": (["--prompts", prompts_file, "--task", "add"], "either --prompts FILE or --task"),
         "unknown task": (["--task", "no-such-task"], "unknown task"),
+        "unknown precision": (["--prompts", prompts_file, "--precision", "fp16"], "unknown precision 'fp16'"),
     }
     before = registry_state(registry_home)
     for label, (args, message) in cases.items():
@@ -254,3 +258,97 @@ def test_bad_inputs_are_refused_without_writing(cli, harvested, reg, registry_ho
         generate_adapter(reg, [], name="bad")
     with pytest.raises(GeneratorLayoutError):
         generate_state_dict_for(reg, ["hi"], generator_ref="swapped")
+
+
+# -----------------------------------------------------------------------------
+# the warm path: precision, the de-tokenising plan, the group mean before the last ConvL
+
+
+def _relative_difference(a: dict, b: dict) -> float:
+    return (sum(float((a[k] - b[k]).pow(2).sum()) for k in b) / sum(float(v.pow(2).sum()) for v in b.values())) ** 0.5
+
+
+def test_bf16_generation_is_close_to_fp32_and_records_its_precision(reg, harvested):
+    from registry.embeddings import embed_texts
+
+    train_generator_from_registry(reg, steps=3, lr=1e-2, batch_size=2, device="cpu", **TINY)
+    prompts = TASK_PROMPTS["sort"] + TASK_PROMPTS["add"][:3]  # 11 prompts: 3 groups of N = 4
+    fp32, config32, timings32 = generate_state_dict_for(reg, prompts, precision="fp32")
+    bf16, config16, timings16 = generate_state_dict_for(reg, prompts, precision="bf16")
+    assert timings32["precision"] == "fp32" and timings16["precision"] == "bf16" and config32 == config16
+    assert sorted(bf16) == sorted(fp32) and all(v.dtype == torch.float32 for v in bf16.values())
+    difference = _relative_difference(bf16, fp32)
+    assert 0 < difference < 1e-2, difference  # bf16 really ran, and the adapter is the same to < 1 %
+    again, _, _ = generate_state_dict_for(reg, prompts, precision="bf16")
+    assert _relative_difference(again, bf16) == 0  # deterministic
+
+    info = generate_adapter(reg, prompts, name="sort-bf16", precision="bf16")
+    assert info.recipe["precision"] == "bf16"
+    vectors = reg.prompt_embeddings(info.ref)  # from the bf16 encoder pass: within 1e-4 in cosine
+    assert (vectors * embed_texts(prompts)).sum(axis=1).min() > 0.9999
+    with pytest.MonkeyPatch.context() as patch:  # the default (None) is $REGISTRY_PRECISION, else auto
+        patch.setenv("REGISTRY_PRECISION", "fp32")
+        assert generate_adapter(reg, prompts, name="sort-env").recipe["precision"] == "fp32"
+    with pytest.raises(GeneratorError, match="unknown precision 'half'"):
+        generate_state_dict_for(reg, prompts, precision="half")
+
+
+def test_decode_plan_equals_denormalize_then_tokens_to_state_dict():
+    from generator.service import DecodePlan
+    from generator.tokenizer import TokenNormalizer, layout_from_state_dict, stack_token_grids, token_mask, tokens_to_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    prefix = "base_model.model.model.layers"
+    # ranks 4 and 2 (h = 4: padded rows) and widths that 16 does not divide (padded columns)
+    shapes = {f"{prefix}.0.self_attn.q_proj": (4, 40, 24), f"{prefix}.0.mlp.down_proj": (2, 56, 40),
+              f"{prefix}.1.self_attn.q_proj": (4, 40, 24)}
+    adapters = [{**{f"{m}.lora_A.weight": torch.randn(r, i, generator=g) for m, (r, i, o) in shapes.items()},
+                 **{f"{m}.lora_B.weight": torch.randn(o, r, generator=g) for m, (r, i, o) in shapes.items()}}
+                for _ in range(3)]
+    layout = layout_from_state_dict(adapters[0], chunk_width=16)
+    grids = stack_token_grids(adapters, layout)
+    tokens = torch.randn(layout.shape, generator=g)
+    for center in ("element", "token"):
+        for mask in (token_mask(layout), None):
+            normalizer = TokenNormalizer.fit(grids, mask, center=center)
+            expected = tokens_to_state_dict(normalizer.denormalize(tokens), layout)
+            got = DecodePlan.build(layout, normalizer).state_dict(tokens)
+            assert list(got) == list(expected)
+            for key, value in expected.items():
+                assert got[key].shape == value.shape
+                torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-6)
+    # the round trip: an adapter's own normalised tokens decode back to it
+    normalizer = TokenNormalizer.fit(grids, token_mask(layout))
+    back = DecodePlan.build(layout, normalizer).state_dict(normalizer.normalize(grids[1]))
+    for key, value in adapters[1].items():
+        torch.testing.assert_close(back[key], value, atol=1e-5, rtol=1e-5)
+    half = DecodePlan.build(layout, normalizer).state_dict(tokens, torch.float16)
+    assert all(v.dtype == torch.float16 for v in half.values())
+
+
+@pytest.mark.parametrize("shapes", [
+    None,                                                     # the computed cascade: last layer N -> T
+    [(4, 8, 16), (6, 8, 12), (6, 8, 12)],                     # a residual last layer (same shape in and out)
+])
+def test_mean_decode_equals_the_mean_of_the_forward(shapes):
+    from generator.dnd import DnDConfig, DnDDecoder
+    from generator.service import _mean_decode
+
+    torch.manual_seed(0)
+    if shapes is None:
+        config = DnDConfig(n_prompts=4, prompt_tokens=8, embed_dim=16, tokens=30, token_height=4, token_width=12,
+                           n_layers=3, kernel=3, hidden_tokens=8)
+    else:
+        config = DnDConfig(n_prompts=4, prompt_tokens=8, embed_dim=16, tokens=6, token_height=8, token_width=12,
+                           n_layers=2, kernel=3, shapes=shapes)
+    model = DnDDecoder(config).eval()
+    for param in model.parameters():  # not the near-zero initial last layer: make every term matter
+        param.data.normal_(0, 0.3)
+    groups = torch.randn(3, *config.input_shape)  # (G, N, L, C)
+    with torch.no_grad():
+        expected = model(groups).mean(dim=0)
+        got = _mean_decode(model, groups)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_mean_decode(model, groups[:1]), model(groups[:1])[0])
+        with pytest.raises(ValueError, match="expected"):
+            _mean_decode(model, groups[:, :, :5])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,6 +192,8 @@ def test_compose_adapter_stores_a_peft_loadable_mixture_with_lineage(reg, zoo, t
     assert recipe["scores"][0] >= recipe["scores"][1]
     assert reg.prompts(info.ref) == query
     assert reg.search(query, k=1, kind="composed")[0].adapter.ref == "cook-mix@1"  # searchable
+    from registry.precision import resolve
+    assert recipe["precision"] == resolve("auto")  # the query's embedding precision, resolved
 
     deltas = peft_delta_weights(tiny_base_dir, reg.fetch(info.ref))
     expected = expected_mixture([zoo["cook"], zoo["geo"]], [0.5, 0.5])
@@ -255,6 +258,7 @@ def bad_pool(reg, zoo, adapter_dirs):
     (["--prompts", "EMPTY"], "holds no prompts"),
     (["--prompts", "QUERY", "--name", "../evil"], "invalid name"),
     (["--task", "no-such-task.jsonl"], "task file not found"),
+    (["--prompts", "QUERY", "--precision", "int8"], "unknown precision 'int8'"),
 ])
 def test_cli_compose_refuses_bad_input_without_writing(cli, bad_pool, registry_home, tmp_path, args, message):
     query = tmp_path / "query.txt"
@@ -292,10 +296,13 @@ def test_cli_compose_from_prompts_and_task_file(cli, zoo, tmp_path, reg):
     task_file.write_text("".join(json.dumps({"prompt": p, "answer": "ok", "split": "train"}) + "\n"
                                  for p in QUERIES["cooking"] + TOPICS["cooking"][:2]))
     code, out, err = cli("compose", "--task", task_file, "-k", "2", "--one-per-task", "--weights", "softmax",
-                         "--name", "kitchen-mix", "--json")
+                         "--name", "kitchen-mix", "--precision", "fp32", "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["task"] == "kitchen" and data["recipe"]["n_query_prompts"] == 5
+    assert data["recipe"]["precision"] == "fp32"
+    from registry.embeddings import embed_texts  # fp32: the stored query vectors are the registry's own
+    np.testing.assert_allclose(reg.prompt_embeddings(data["ref"]), embed_texts(reg.prompts(data["ref"])), atol=1e-6, rtol=0)
     assert data["parents"][0]["ref"] == "cook@1" and len(data["parents"]) == 2
 
 
