@@ -6,7 +6,7 @@
 
 Timings are for this CPU at the given torch thread count (default 1; see --threads).
 
-1. Pure composition (``retrieval.compose.compose_adapters``) of k=3 synthetic adapters with the shapes of
+1. Pure composition (float32 weight arithmetic) (``retrieval.compose.compose_adapters``) of k=3 synthetic adapters with the shapes of
    a SmolLM2-135M LoRA: r=8, alpha=16, seven modules (q, k, v, o, gate, up, down) in 30 layers
    (2.44 M parameters per adapter). No base model is needed.
 2. End to end ``retrieval.service.compose_adapter``: embed the query (MiniLM), retrieve k=3 from the
@@ -133,22 +133,25 @@ def home_queries(reg, count: int, exclude_own: bool, prompts_per_query: int = 16
     return queries, excludes
 
 
-def bench_end_to_end(reg, queries, excludes, strategies: list[str], repeats: int, k: int, keep: bool) -> None:
+def bench_end_to_end(reg, queries, excludes, strategies: list[str], repeats: int, k: int, keep: bool,
+                     precisions: list[str]) -> None:
     from retrieval.service import compose_adapter
 
-    print(f"\n== compose_adapter end to end, k={k} (embed query, retrieve, load, compose, store) on {reg.home} ==")
+    print(f"\n== compose_adapter end to end, k={k} (embed query, retrieve, load, compose, store) on {reg.home}; "
+          f"precision = the query embedding's ({' vs '.join(precisions)}) ==")
     created = []
     try:
-        info = compose_adapter(reg, queries[0], k, strategies[0], "bench-compose", exclude_tasks=excludes[0],
-                               **STRATEGY_ARGS.get(strategies[0], {}))  # warm-up: loads the encoder
-        created.append(info.ref)
-        for strategy in strategies:
+        for precision in precisions:  # warm-up: loads the encoder (and its bf16 copy)
+            info = compose_adapter(reg, queries[0], k, strategies[0], "bench-compose", exclude_tasks=excludes[0],
+                                   precision=precision, **STRATEGY_ARGS.get(strategies[0], {}))
+            created.append(info.ref)
+        for strategy, precision in [(s, p) for s in strategies for p in precisions]:
             totals, parts = [], {"retrieve": [], "compose": [], "store": []}
             for index in range(repeats):
                 query, exclude = queries[index % len(queries)], excludes[index % len(excludes)]
                 start = time.perf_counter()
                 info = compose_adapter(reg, query, k, strategy, "bench-compose", exclude_tasks=exclude,
-                                       **STRATEGY_ARGS.get(strategy, {}))
+                                       precision=precision, **STRATEGY_ARGS.get(strategy, {}))
                 total = time.perf_counter() - start
                 created.append(info.ref)
                 totals.append(total)
@@ -157,7 +160,7 @@ def bench_end_to_end(reg, queries, excludes, strategies: list[str], repeats: int
                 parts["compose"].append(timing["compose"])
                 parts["store"].append(total - timing["retrieve"] - timing["compose"])
             medians = ", ".join(f"{name} {1000 * statistics.median(values):.1f}" for name, values in parts.items())
-            print(f"{strategy:>16}: {percentiles(totals)}   median ms: {medians}")
+            print(f"{strategy + ' ' + precision:>16}: {percentiles(totals)}   median ms: {medians}")
     finally:
         if not keep:
             for ref in created:
@@ -178,6 +181,7 @@ def main() -> None:
     parser.add_argument("--exclude-own", action="store_true", help="--home: exclude the query's own task.")
     parser.add_argument("--keep", action="store_true", help="--home: keep the composed versions.")
     parser.add_argument("--no-e2e", action="store_true", help="Only the pure composition timing.")
+    parser.add_argument("--precisions", default="fp32,bf16", help="End to end: precisions of the query embedding.")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: more oversubscribe a busy 2-core machine; 0: torch's choice).")
     args = parser.parse_args()
@@ -192,18 +196,22 @@ def main() -> None:
     if args.no_e2e:
         return
     strategies = args.e2e_strategies.split(",")
+    from registry.precision import resolve
+
+    precisions = [resolve(p) for p in args.precisions.split(",")]
     if args.home:
         from registry.store import Registry
 
         with Registry.open(args.home) as reg:
             queries, excludes = home_queries(reg, max(args.e2e_repeats, 1), args.exclude_own)
-            bench_end_to_end(reg, queries, excludes, strategies, args.e2e_repeats, args.k, args.keep)
+            bench_end_to_end(reg, queries, excludes, strategies, args.e2e_repeats, args.k, args.keep, precisions)
         return
     work = Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
     try:
         reg, queries, excludes = build_scratch_registry(work, args.per_task)
         with reg:
-            bench_end_to_end(reg, queries, excludes, strategies, args.e2e_repeats, args.k, keep=True)
+            bench_end_to_end(reg, queries, excludes, strategies, args.e2e_repeats, args.k, keep=True,
+                             precisions=precisions)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -837,17 +837,19 @@ class DecodePlan:
         from generator.tokenizer import tokens_to_state_dict
 
         T, h, w = layout.shape
-        positions = torch.arange(T * h * w, dtype=torch.float64).reshape(T, h, w)  # exact up to 2**53
-        mapped = tokens_to_state_dict(positions, layout, dtype=torch.float64)
+        if T * h * w >= 2 ** 31:
+            raise ValueError(f"token grid {layout.shape} is too large for int32 positions")
+        positions = torch.arange(T * h * w, dtype=torch.int32).reshape(T, h, w)  # (T, h, w)
+        mapped = tokens_to_state_dict(positions, layout, dtype=torch.int32)
         keys = list(mapped)
-        index = torch.cat([mapped[k].reshape(-1) for k in keys]).to(torch.int64)
-        std = normalizer.std.float()[:, None, None].expand(T, h, w)
+        index = torch.cat([mapped[k].reshape(-1) for k in keys])  # (P,)
+        token = torch.div(index, h * w, rounding_mode="floor")    # (P,) the token each weight lies in
+        scale = normalizer.std.float().index_select(0, token)
         mean = normalizer.mean.float()
-        mean = (mean[:, None, None] if mean.ndim == 1 else mean).expand(T, h, w)
-        if normalizer.mask is not None:  # denormalize zeroes padding; real weights are never padding
-            mean = mean * normalizer.mask
-        return cls(index=index.to(torch.int32), scale=std.reshape(-1)[index].contiguous(),
-                   shift=mean.reshape(-1)[index].contiguous(), keys=keys,
+        shift = mean.index_select(0, token) if mean.ndim == 1 else mean.reshape(-1).index_select(0, index)
+        if normalizer.mask is not None:  # denormalize zeroes padding (real weights never are: a no-op here)
+            shift = shift * normalizer.mask.reshape(-1).index_select(0, index)
+        return cls(index=index, scale=scale, shift=shift, keys=keys,
                    shapes=[tuple(mapped[k].shape) for k in keys], sizes=[mapped[k].numel() for k in keys])
 
     def state_dict(self, tokens, dtype=None) -> dict:
