@@ -195,6 +195,15 @@ def test_generate_with_a_cvae_ref_end_to_end_and_peft_loads_it(cli, harvested, t
     regenerated, _ = reg.load_weights(again["ref"])
     for key, value in regenerate_task(reg, "cvae@1", "add").items():
         torch.testing.assert_close(regenerated[key], value)
+    from registry.precision import resolve
+    assert again["recipe"]["precision"] == resolve("auto")
+
+    # bf16 decoding (frozen weights in bf16, autocast) stays close to fp32
+    fp32 = regenerate_task(reg, "cvae@1", "add", precision="fp32")
+    bf16 = regenerate_task(reg, "cvae@1", "add", precision="bf16")
+    difference = (sum(float((bf16[k] - v).pow(2).sum()) for k, v in fp32.items())
+                  / sum(float(v.pow(2).sum()) for v in fp32.values())) ** 0.5
+    assert 0 < difference < 1e-2, difference  # measured 2.0e-3 on this tiny CVAE
 
 
 def test_bad_cvae_inputs_are_refused_without_writing(cli, harvested, reg, registry_home, tmp_path):

