@@ -41,6 +41,7 @@ class AdapterIndex:
         self.encoder = encoder
         self.tombstones: set[int] = set()
         self.index = None
+        self._stored: set[int] | None = None  # ids in the id map, built on first ``has`` and kept in step
 
     @property
     def index_path(self) -> Path:
@@ -66,6 +67,7 @@ class AdapterIndex:
             self.index = None
             return False
         self.tombstones = set(meta.get("tombstones", []))
+        self._stored = None
         return True
 
     def save(self) -> None:
@@ -89,6 +91,7 @@ class AdapterIndex:
         """Replace the contents with ``vectors`` (n, dim) under SQL ``ids`` (n,)."""
         self.index = _new_index(self.dim, len(ids))
         self.tombstones = set()
+        self._stored = None
         if len(ids):
             self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                                     np.asarray(ids, dtype=np.int64))
@@ -100,6 +103,20 @@ class AdapterIndex:
         stored = faiss.vector_to_array(self.index.id_map) if self.index.ntotal else np.empty(0, np.int64)
         return set(int(i) for i in stored) - self.tombstones
 
+    # -- cheap checks for catching up with SQL (``registry.serve_cache.IndexFollower``) ----------
+    def has(self, adapter_id: int) -> bool:
+        """Whether ``adapter_id`` is live in the index (O(1) after the first call)."""
+        if self._stored is None:
+            import faiss
+
+            stored = faiss.vector_to_array(self.index.id_map) if self.index is not None and self.index.ntotal else []
+            self._stored = set(int(i) for i in stored)
+        return adapter_id in self._stored and adapter_id not in self.tombstones
+
+    def live_count(self) -> int:
+        """How many live vectors the index holds (tombstones are always stored ids)."""
+        return (self.index.ntotal if self.index is not None else 0) - len(self.tombstones)
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if self.index is None:
             self.rebuild(np.empty(0, np.int64), np.empty((0, self.dim), np.float32))
@@ -110,6 +127,8 @@ class AdapterIndex:
             return
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                                 np.asarray(ids, dtype=np.int64))
+        if self._stored is not None:
+            self._stored.update(int(i) for i in ids)
 
     def contents(self) -> tuple[np.ndarray, np.ndarray]:
         """All live (ids, vectors) currently stored."""
@@ -129,6 +148,8 @@ class AdapterIndex:
             return
         if self.kind == "flat":
             self.index.remove_ids(faiss.IDSelectorBatch(ids))
+            if self._stored is not None:
+                self._stored.difference_update(int(i) for i in ids)
         else:
             self.tombstones.update(int(i) for i in ids)
 

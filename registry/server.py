@@ -37,6 +37,7 @@ token, 403 with a wrong one, 404 for an unknown adapter, route or file, 413 for 
 shape, 501 for generate/compose without a backend.
 """
 
+import contextlib
 import hmac
 import importlib
 import io
@@ -45,34 +46,27 @@ import logging
 import os
 import tarfile
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import Body, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from registry import peft_io
-from registry.blobs import sha256_bytes, sha256_file
-from registry.errors import IntegrityError, InvalidName, NotFound, RegistryError
-from registry.refs import parse_ref, validate_alias, validate_name
+from registry.errors import IntegrityError, RegistryError
+from registry.refs import validate_alias, validate_name
+from registry.serve_cache import IndexFollower
+from registry.serve_reads import (ERROR_STATUS, FILES, AdapterFiles, FastReads, Reads, ReplyResponse,  # noqa: F401
+                                  parse_range, tar_size)
 
 log = logging.getLogger("registry.server")
 
-FILES = (peft_io.CONFIG_FILE, peft_io.WEIGHTS_FILE)
 MAX_BODY_BYTES = 1 << 20
-CHUNK = 1 << 20
-CONFIG_CACHE = 4096  # verified config bodies kept in memory
-SMALL_BODY = 16 << 20  # bodies up to this size are read at once instead of streamed
-IMMUTABLE_MAX_AGE = 365 * 24 * 3600
 READ_METHODS = {"GET", "HEAD", "OPTIONS"}
 OPEN_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
-ERROR_STATUS = ((InvalidName, 400), (NotFound, 404), (IntegrityError, 500), (RegistryError, 400))
 
 
 def _truthy(value: str | None) -> bool:
@@ -101,9 +95,11 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         write = method not in READ_METHODS
-        if (write or self.protect_reads) and path not in OPEN_PATHS:
+        if not write and not self.protect_reads:
+            return await self.app(scope, receive, send)  # the common case: no header to look at
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if path not in OPEN_PATHS:
             refusal = self._check_token(headers.get("authorization"), write)
             if refusal is not None:
                 return await refusal(scope, receive, send)
@@ -153,149 +149,6 @@ class GuardMiddleware:
     async def _too_large(self, scope, receive, send):
         return await _json_error(413, f"request body over the limit of {self.max_body_bytes} bytes")(
             scope, receive, send)
-
-
-# --------------------------------------------------------------------------------------------
-# Serving one adapter's files: ETag, conditional GET, Range
-# --------------------------------------------------------------------------------------------
-
-
-class AdapterFiles:
-    """Where each served file's bytes come from, checked once per process against its digest."""
-
-    def __init__(self, registry):
-        self.registry = registry
-        self._verified: dict[str, tuple[int, int]] = {}  # weights digest -> (size, mtime_ns) seen intact
-        self._configs: dict[str, bytes] = {}  # config digest -> its verified canonical bytes
-        self._lock = threading.Lock()
-
-    def config_bytes(self, info) -> bytes:
-        """The canonical JSON of the stored config: the bytes ``config_sha256`` is taken over
-        (kept in memory by digest once checked: content-addressed, so never stale)."""
-        from registry.schema import Adapter
-
-        with self._lock:
-            cached = self._configs.get(info.config_sha256)
-        if cached is not None:
-            return cached
-        with self.registry.session() as session:
-            config = dict(session.get(Adapter, info.id).peft_config)
-        data = peft_io.canonical_json(config)
-        if sha256_bytes(data) != info.config_sha256:
-            raise IntegrityError(f"stored config of {info.ref} does not match its digest: run `registry doctor`")
-        with self._lock:
-            if len(self._configs) >= CONFIG_CACHE:
-                self._configs.clear()
-            self._configs[info.config_sha256] = data
-        return data
-
-    def weights_path(self, info) -> Path:
-        """The weights blob, re-hashed whenever its size or mtime changed since it was last checked."""
-        path = self.registry.blobs.path(info.weights_sha256)
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            raise IntegrityError(f"weights of {info.ref} are missing from the blob store: run `registry doctor`") from None
-        seen = (stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            if self._verified.get(info.weights_sha256) == seen:
-                return path
-        if sha256_file(path) != info.weights_sha256:
-            raise IntegrityError(f"weights of {info.ref} do not match their digest: run `registry doctor`")
-        with self._lock:
-            self._verified[info.weights_sha256] = seen
-        return path
-
-
-def _etag(digest: str) -> str:
-    return f'"{digest}"'
-
-
-def _etag_matches(header: str | None, etag: str) -> bool:
-    """``If-None-Match`` semantics: weak comparison, ``*`` matches anything."""
-    if not header:
-        return False
-    for candidate in header.split(","):
-        candidate = candidate.strip()
-        if candidate == "*":
-            return True
-        if candidate.startswith("W/"):
-            candidate = candidate[2:]
-        if candidate == etag:
-            return True
-    return False
-
-
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
-    """One ``bytes=`` range as (start, end inclusive); None to serve it all; "unsatisfiable" for 416.
-
-    Malformed headers and multi-range requests are ignored (the whole file is sent), as RFC 9110
-    allows.
-    """
-    if not header:
-        return None
-    unit, _, spec = header.strip().partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    first, dash, last = spec.strip().partition("-")
-    first, last = first.strip(), last.strip()
-    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) or not (first or last):
-        return None
-    if not first:  # suffix: the last N bytes
-        length = int(last)
-        if length == 0 or size == 0:
-            return "unsatisfiable"
-        return max(0, size - length), size - 1
-    start = int(first)
-    if last and int(last) < start:
-        return None  # invalid: ignored
-    if start >= size:
-        return "unsatisfiable"
-    return start, min(int(last), size - 1) if last else size - 1
-
-
-def _iter_file(handle, start: int, length: int) -> Iterator[bytes]:
-    with handle:
-        handle.seek(start)
-        remaining = length
-        while remaining > 0:
-            block = handle.read(min(CHUNK, remaining))
-            if not block:
-                break
-            remaining -= len(block)
-            yield block
-
-
-def _iter_bytes(data: bytes, start: int, length: int) -> Iterator[bytes]:
-    for offset in range(start, start + length, CHUNK):
-        yield data[offset:min(offset + CHUNK, start + length)]
-
-
-# --------------------------------------------------------------------------------------------
-# The archive: a deterministic uncompressed tar of the two files, streamed
-# --------------------------------------------------------------------------------------------
-
-
-def _tar_header(name: str, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime, info.uname, info.gname = size, 0o644, 0, "", ""
-    return info.tobuf(format=tarfile.USTAR_FORMAT)
-
-
-def _tar_padding(size: int) -> bytes:
-    return b"\0" * (-size % tarfile.BLOCKSIZE)
-
-
-def tar_size(config_size: int, weights_size: int) -> int:
-    blocks = lambda n: n + (-n % tarfile.BLOCKSIZE)  # noqa: E731
-    return 2 * tarfile.BLOCKSIZE + blocks(config_size) + blocks(weights_size) + 2 * tarfile.BLOCKSIZE
-
-
-def _iter_tar(config: bytes, weights_handle, weights_size: int) -> Iterator[bytes]:
-    yield _tar_header(peft_io.CONFIG_FILE, len(config)) + config + _tar_padding(len(config))
-    yield _tar_header(peft_io.WEIGHTS_FILE, weights_size)
-    yield from _iter_file(weights_handle, 0, weights_size)
-    yield _tar_padding(weights_size) + b"\0" * (2 * tarfile.BLOCKSIZE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,9 +218,13 @@ def _result_dict(result: Any) -> dict:
 
 
 def create_app(registry=None, *, home: str | os.PathLike | None = None, token: str | None = None,
-               protect_reads: bool | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+               protect_reads: bool | None = None, max_body_bytes: int = MAX_BODY_BYTES, fast_reads: bool = True):
     """The ASGI app. ``registry`` (a ``Registry``) or ``home`` says what to serve; ``token``
-    defaults to ``$REGISTRY_TOKEN`` and ``protect_reads`` to ``$REGISTRY_PROTECT_READS``."""
+    defaults to ``$REGISTRY_TOKEN`` and ``protect_reads`` to ``$REGISTRY_PROTECT_READS``.
+
+    ``fast_reads=False`` leaves the hot reads to the FastAPI routes (same answers, slower: the
+    tests compare the two).
+    """
     if registry is None:
         from registry.store import Registry
 
@@ -375,16 +232,28 @@ def create_app(registry=None, *, home: str | os.PathLike | None = None, token: s
     token = token if token is not None else os.environ.get("REGISTRY_TOKEN")
     if protect_reads is None:
         protect_reads = _truthy(os.environ.get("REGISTRY_PROTECT_READS"))
-    files = AdapterFiles(registry)
+    reads = Reads(registry, AdapterFiles(registry), protect_reads)
+    follower = IndexFollower(registry, reads.stamp)
     model_lock = threading.Lock()  # one search/generate/compose at a time: they share the FAISS index
     bearer = HTTPBearer(auto_error=False, description="The server's REGISTRY_TOKEN.")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        reads.close()  # the change-stamp connection; reopened if the app is used again
 
     app = FastAPI(
         title="LoRA adapter registry",
         version="1",
         description=__doc__.split("\n\n", 1)[0] + "\n\nErrors are JSON bodies `{\"error\": \"...\"}`.",
+        lifespan=lifespan,
     )
     app.state.registry = registry
+    app.state.reads = reads
+    app.state.index_follower = follower
+    if fast_reads:
+        app.add_middleware(FastReads, reads=reads)
+    # added last, so outermost: the token is checked before the fast reads too
     app.add_middleware(GuardMiddleware, token=token, protect_reads=protect_reads, max_body_bytes=max_body_bytes)
     read_security = [Security(bearer)] if protect_reads else []  # enforced by GuardMiddleware;
     write_security = [Security(bearer)]  # declared here so /docs shows which endpoints need it
@@ -428,49 +297,16 @@ def create_app(registry=None, *, home: str | os.PathLike | None = None, token: s
         log.exception("unexpected error")
         return _json_error(500, f"internal error ({type(err).__name__}); see the server log")
 
-    # -- helpers ------------------------------------------------------------------------------------
-    def resolve(ref: str):
-        parsed = parse_ref(ref)  # InvalidName (400) for anything that is not a REF: '..', '/', ...
-        info = registry.resolve(str(parsed))
-        immutable = parsed.digest is not None or parsed.version is not None
-        return info, immutable
-
-    def adapter_headers(info, immutable: bool) -> dict:
-        if immutable:
-            cache = f"{'private' if protect_reads else 'public'}, max-age={IMMUTABLE_MAX_AGE}, immutable"
-        else:
-            cache = "no-cache"
-        return {"X-Registry-Ref": info.ref, "X-Registry-Digest": info.digest, "Cache-Control": cache}
-
-    def serve_bytes(request: Request, etag: str, size: int, opener, media_type: str, headers: dict):
-        """200/206/304/416 for a file of ``size`` bytes; ``opener(start, length)`` streams a slice."""
-        headers = dict(headers, ETag=etag)
-        headers["Accept-Ranges"] = "bytes"
-        if _etag_matches(request.headers.get("if-none-match"), etag):
-            return Response(status_code=304, headers=headers)
-        wanted = parse_range(request.headers.get("range"), size)
-        if_range = request.headers.get("if-range")
-        if wanted is not None and if_range is not None and if_range.strip() != etag:
-            wanted = None  # the client's partial copy is of other bytes: send everything
-        if wanted == "unsatisfiable":
-            return _json_error(416, f"range {request.headers.get('range')!r} is outside the {size}-byte file",
-                               dict(headers, **{"Content-Range": f"bytes */{size}"}))
-        status, start, length = 200, 0, size
-        if wanted is not None:
-            start, end = wanted
-            status, length = 206, end - start + 1
-            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-        headers["Content-Length"] = str(length)
-        if request.method == "HEAD":
-            return Response(status_code=status, headers=headers, media_type=media_type)
-        if length <= SMALL_BODY:  # one read, one send: much cheaper than streaming small files
-            return Response(b"".join(opener(start, length)), status_code=status, headers=headers,
-                            media_type=media_type)
-        return StreamingResponse(opener(start, length), status_code=status, headers=headers, media_type=media_type)
+    def request_dict(request: Request) -> dict:
+        wanted = {"method": request.method}
+        for key in ("range", "if-range", "if-none-match"):
+            if key in request.headers:
+                wanted[key] = request.headers[key]
+        return wanted
 
     # -- reads ----------------------------------------------------------------------------------------
     @app.get("/healthz", tags=["meta"])
-    def healthz():
+    async def healthz():
         """Liveness: 200 while the server runs (never token-protected)."""
         return {"ok": True}
 
@@ -479,7 +315,7 @@ def create_app(registry=None, *, home: str | os.PathLike | None = None, token: s
                       tag: str | None = None, base_model: str | None = None):
         """Adapter versions, optionally filtered."""
         adapters = registry.list_adapters(name=name, kind=kind, task=task, tag=tag, base_model=base_model)
-        return [a.to_dict() for a in adapters]
+        return JSONResponse([a.to_dict() for a in adapters])
 
     @app.get("/v1/search", tags=["read"], dependencies=read_security)
     def search(q: Annotated[list[str], Query(description="A prompt (repeat for several: their mean is searched).")],
@@ -487,90 +323,37 @@ def create_app(registry=None, *, home: str | os.PathLike | None = None, token: s
                kind: str | None = None, exclude_task: Annotated[list[str], Query()] = []):
         """The adapters whose sample prompts are nearest to the prompt(s)."""
         with model_lock:
-            registry.refresh_index()  # see adapters other processes added since
+            follower.catch_up()  # adds/removals other processes made since the last change, only those
             hits = registry.search(q if len(q) > 1 else q[0], k=k, base_model=base_model, kind=kind,
                                    exclude_tasks=exclude_task)
-        return [{"score": h.score, **h.adapter.to_dict()} for h in hits]
+        return JSONResponse([{"score": h.score, **h.adapter.to_dict()} for h in hits])
 
+    # The four routes below are answered by FastReads before FastAPI routes anything; they stay for
+    # /docs and for fast_reads=False, and give the same answers through the same Reads methods.
     @app.get("/v1/adapters/{ref}", tags=["read"], dependencies=read_security)
-    def show(ref: str):
+    async def show(ref: str):
         """Metadata of the version REF resolves to, with its lineage (parents and children)."""
-        from sqlalchemy import select
-
-        from registry.schema import Adapter, Lineage
-
-        info, immutable = resolve(ref)
-        with registry.session() as session:
-            children = session.execute(
-                select(Adapter.name, Adapter.version, Lineage.weight)
-                .join(Lineage, Lineage.child_id == Adapter.id)
-                .where(Lineage.parent_id == info.id, Adapter.removed_at.is_(None))
-                .order_by(Adapter.name, Adapter.version)).all()
-        data = info.to_dict()
-        data["lineage"] = {"parents": info.parents,
-                           "children": [{"ref": f"{n}@{v}", "weight": w} for n, v, w in children]}
-        data["files"] = {peft_io.CONFIG_FILE: info.config_sha256, peft_io.WEIGHTS_FILE: info.weights_sha256}
-        headers = adapter_headers(info, immutable)
-        headers["Cache-Control"] = "no-cache"  # aliases and children of even a fixed version change
-        return JSONResponse(data, headers=headers)
+        return ReplyResponse(await reads.metadata(ref))
 
     @app.get("/v1/adapters/{ref}/prompts", tags=["read"], dependencies=read_security)
-    def prompts(ref: str):
+    async def prompts(ref: str):
         """The sample prompts stored with the adapter."""
-        info, immutable = resolve(ref)
-        return JSONResponse({"ref": info.ref, "prompts": registry.prompts(info.ref)},
-                            headers=adapter_headers(info, immutable))
+        return ReplyResponse(await reads.prompts(ref))
 
     @app.head("/v1/adapters/{ref}/files/{file_name}", include_in_schema=False)
     @app.get("/v1/adapters/{ref}/files/{file_name}", tags=["read"], dependencies=read_security,
              responses={200: {"description": "the file"}, 206: {"description": "a byte range"},
                         304: {"description": "not modified"}, 416: {"description": "bad range"}})
-    def get_file(ref: str, file_name: str, request: Request):
+    async def get_file(ref: str, file_name: str, request: Request):
         """One file of the PEFT directory; ETag = its sha256; conditional GET and single Range."""
-        if file_name not in FILES:
-            raise NotFound(f"unknown file {file_name!r}: one of {', '.join(FILES)}")
-        info, immutable = resolve(ref)
-        headers = adapter_headers(info, immutable)
-        if file_name == peft_io.CONFIG_FILE:
-            data = files.config_bytes(info)
-            return serve_bytes(request, _etag(info.config_sha256), len(data),
-                               lambda start, length: _iter_bytes(data, start, length), "application/json", headers)
-        path = files.weights_path(info)
-        handle = open(path, "rb")  # noqa: SIM115 - closed by the streaming iterator
-        size = os.fstat(handle.fileno()).st_size
-        try:
-            response = serve_bytes(request, _etag(info.weights_sha256), size,
-                                   lambda start, length: _iter_file(handle, start, length),
-                                   "application/octet-stream", headers)
-        except BaseException:
-            handle.close()
-            raise
-        if not isinstance(response, StreamingResponse) and not handle.closed:
-            handle.close()
-        return response
+        return ReplyResponse(await reads.file(ref, file_name, request_dict(request)))
 
     @app.head("/v1/adapters/{ref}/archive", include_in_schema=False)
     @app.get("/v1/adapters/{ref}/archive", tags=["read"], dependencies=read_security,
              responses={200: {"description": "an uncompressed tar"}})
-    def get_archive(ref: str, request: Request):
+    async def get_archive(ref: str, request: Request):
         """The PEFT directory (both files, at the archive's top level) as one uncompressed tar."""
-        info, immutable = resolve(ref)
-        headers = adapter_headers(info, immutable)
-        headers["Content-Disposition"] = f'attachment; filename="{info.name}-{info.version}.tar"'
-        etag = _etag(f"tar-{info.digest}")
-        if _etag_matches(request.headers.get("if-none-match"), etag):
-            return Response(status_code=304, headers=dict(headers, ETag=etag))
-        config = files.config_bytes(info)
-        path = files.weights_path(info)
-        handle = open(path, "rb")  # noqa: SIM115 - closed by the streaming iterator
-        size = os.fstat(handle.fileno()).st_size
-        headers.update({"ETag": etag, "Content-Length": str(tar_size(len(config), size))})
-        if request.method == "HEAD":
-            handle.close()
-            return Response(status_code=200, headers=headers, media_type="application/x-tar")
-        if size <= SMALL_BODY:
-            return Response(b"".join(_iter_tar(config, handle, size)), headers=headers, media_type="application/x-tar")
-        return StreamingResponse(_iter_tar(config, handle, size), headers=headers, media_type="application/x-tar")
+        return ReplyResponse(await reads.archive(ref, request_dict(request)))
 
     # -- writes ---------------------------------------------------------------------------------------
     @app.put("/v1/adapters/{name}/aliases/{alias}", tags=["write"], dependencies=write_security)
@@ -608,10 +391,22 @@ def create_app(registry=None, *, home: str | os.PathLike | None = None, token: s
         if body.exclude_tasks:
             extra["exclude_tasks"] = body.exclude_tasks
         with model_lock:
+            follower.catch_up()  # retrieval searches the index: see what other processes added
             result = function(registry, body.prompts, k=body.k, strategy=body.strategy, name=body.name, **extra)
         return created(_result_dict(result))
 
     return app
+
+
+def uvicorn_options(access_log: bool, log_level: str) -> dict:
+    """How ``serve`` and ``ServerThread`` run uvicorn: uvicorn's HTTP/1.1 protocol with zero-copy
+    file sends (``registry.serve_http``; httptools when installed, else h11), the default asyncio
+    loop (uvloop when installed: ``loop="auto"``), one worker (the FAISS index and the models live
+    in the process; a second worker would load them twice on a 2-core machine for little gain),
+    and the access log as asked (``registry serve --no-access-log`` for speed)."""
+    from registry.serve_http import protocol_class
+
+    return {"http": protocol_class() or "auto", "loop": "auto", "access_log": access_log, "log_level": log_level}
 
 
 def serve(home: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 8080, *,
@@ -621,9 +416,19 @@ def serve(home: str | os.PathLike | None = None, host: str = "127.0.0.1", port: 
     import uvicorn
 
     app = create_app(home=home, protect_reads=protect_reads, max_body_bytes=max_body_bytes)
+    options = uvicorn_options(access_log, log_level)
+    config = uvicorn.Config(app, host=host, port=port, **options)  # also sets up uvicorn's logging
+    protocol = options["http"]
+    logging.getLogger("uvicorn.error").info(
+        "protocol: %s", f"{protocol.__name__} (zero-copy sendfile)" if isinstance(protocol, type)
+        else f"uvicorn {protocol} (no zero-copy: this uvicorn lacks the classes registry.serve_http extends)")
+    server = uvicorn.Server(config)
     try:
-        uvicorn.run(app, host=host, port=port, access_log=access_log, log_level=log_level)
+        server.run()
+        if not server.started:
+            raise SystemExit(3)  # as uvicorn.run: the socket could not be bound (the error is logged)
     finally:
+        app.state.reads.close()
         app.state.registry.close()
 
 
@@ -632,9 +437,11 @@ class ServerThread:
 
         with ServerThread(create_app(reg)) as url:
             fetch(url, "math@prod", cache)
+
+    ``zero_copy=False`` runs uvicorn's own protocol (no ``http.response.zerocopysend``).
     """
 
-    def __init__(self, app, host: str = "127.0.0.1"):
+    def __init__(self, app, host: str = "127.0.0.1", zero_copy: bool = True):
         import socket
 
         import uvicorn
@@ -643,7 +450,10 @@ class ServerThread:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, 0))
         self.url = f"http://{host}:{self.socket.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        options = uvicorn_options(access_log=False, log_level="warning")
+        if not zero_copy:
+            options["http"] = "auto"
+        config = uvicorn.Config(app, lifespan="off", **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 

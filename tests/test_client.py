@@ -39,6 +39,10 @@ class Spy:
         if cut:
             self.cut_once = None
         if tamper or cut:
+            # A middleware that rewrites bodies must not pass on the zero-copy extension: the app
+            # would then hand the file to the server directly instead of sending bytes through here.
+            scope = dict(scope, extensions={k: v for k, v in (scope.get("extensions") or {}).items()
+                                            if k != "http.response.zerocopysend"})
             start, chunks = None, []
 
             async def buffered(message):

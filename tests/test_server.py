@@ -89,6 +89,7 @@ def assert_json_error(status: int, body: bytes, expected_status: int | tuple) ->
     assert status in expected, (status, body[:300])
     payload = json.loads(body)
     assert set(payload) == {"error"} and isinstance(payload["error"], str) and payload["error"]
+    assert "\n" not in payload["error"] and "Traceback" not in payload["error"]  # one line, never a traceback
     return payload["error"]
 
 
@@ -194,20 +195,24 @@ def test_archive_is_the_peft_directory(client, seeded):
     assert client.get("/v1/adapters/math@1/archive").content == response.content  # deterministic bytes
 
 
-def test_large_files_are_streamed(live, seeded, monkeypatch):
-    import registry.server as server
-    from registry.server import read_tar
+def test_large_files_are_streamed_without_zero_copy(reg, seeded, monkeypatch):
+    """uvicorn's own protocol (no zero-copy extension): small slices are read at once, larger ones
+    stream in CHUNKs; the bytes and lengths are the same either way."""
+    import registry.serve_reads as serve_reads
+    from registry.server import ServerThread, create_app, read_tar
 
-    monkeypatch.setattr(server, "SMALL_BODY", 100)  # everything above 100 bytes takes the streaming path
-    monkeypatch.setattr(server, "CHUNK", 1000)
+    monkeypatch.setattr(serve_reads, "SMALL_BODY", 100)  # everything above 100 bytes takes the streaming path
+    monkeypatch.setattr(serve_reads, "CHUNK", 1000)
     v1 = seeded["v1"]
-    status, headers, body = raw(live, "GET", f"/v1/adapters/math@1/files/{WEIGHTS}")
-    assert status == 200 and sha(body) == v1.weights_sha256 and int(headers["content-length"]) == len(body)
-    status, headers, body = raw(live, "GET", f"/v1/adapters/math@1/files/{WEIGHTS}", headers={"Range": "bytes=1500-3999"})
-    assert status == 206 and len(body) == 2500 and headers["content-range"].startswith("bytes 1500-3999/")
-    status, headers, body = raw(live, "GET", "/v1/adapters/math@1/archive")
-    assert status == 200 and int(headers["content-length"]) == len(body)
-    assert sha(read_tar(body)[WEIGHTS]) == v1.weights_sha256
+    with ServerThread(create_app(reg, token=TOKEN), zero_copy=False) as live:
+        status, headers, body = raw(live, "GET", f"/v1/adapters/math@1/files/{WEIGHTS}")
+        assert status == 200 and sha(body) == v1.weights_sha256 and int(headers["content-length"]) == len(body)
+        status, headers, body = raw(live, "GET", f"/v1/adapters/math@1/files/{WEIGHTS}",
+                                    headers={"Range": "bytes=1500-3999"})
+        assert status == 206 and len(body) == 2500 and headers["content-range"].startswith("bytes 1500-3999/")
+        status, headers, body = raw(live, "GET", "/v1/adapters/math@1/archive")
+        assert status == 200 and int(headers["content-length"]) == len(body)
+        assert sha(read_tar(body)[WEIGHTS]) == v1.weights_sha256
 
 
 def test_alias_headers_let_a_client_pin_the_version_while_the_alias_moves(client, seeded, reg):
@@ -523,3 +528,276 @@ def test_parse_range_edges():
     assert parse_range("bytes=a-b", 10) is None
     assert parse_range("bytes=-", 10) is None
     assert parse_range("bytes=0-", 0) == "unsatisfiable"
+
+
+# --------------------------------------------------------------------------------------------
+# What the server keeps in memory must never outlive a change (registry.serve_cache)
+# --------------------------------------------------------------------------------------------
+
+
+def other_process(code: str) -> None:
+    """Run ``code`` (with ``reg`` = the registry opened afresh) in another Python process."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    script = f"from registry.store import Registry\nreg = Registry.open()\n{code}\nreg.close()\n"
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+def get_json(url: str, path: str) -> tuple[int, dict, dict]:
+    status, headers, body = raw(url, "GET", path)
+    return status, headers, json.loads(body)
+
+
+def test_an_alias_moved_elsewhere_is_seen_on_the_next_request(live, seeded, reg):
+    """The answers for math@prod are cached; a move by another handle or another process must
+    show on the very next request, in the metadata, the files and the archive."""
+    from registry.server import read_tar
+    from registry.store import Registry
+
+    for _ in range(3):  # warm: these are now answered from memory
+        status, headers, data = get_json(live, "/v1/adapters/math@prod")
+        assert status == 200 and data["ref"] == "math@1" and data["aliases"] == ["prod"]
+        assert raw(live, "GET", f"/v1/adapters/math@prod/files/{WEIGHTS}")[1]["x-registry-digest"] == seeded["v1"].digest
+
+    with Registry.open() as other:  # another handle: its own engine and connections
+        other.set_alias("math@2", "prod")
+    status, headers, data = get_json(live, "/v1/adapters/math@prod")
+    assert data["ref"] == "math@2" and headers["x-registry-digest"] == seeded["v2"].digest
+    status, headers, body = raw(live, "GET", f"/v1/adapters/math@prod/files/{WEIGHTS}")
+    assert headers["x-registry-digest"] == seeded["v2"].digest and sha(body) == seeded["v2"].weights_sha256
+    assert get_json(live, "/v1/adapters/math@1")[2]["aliases"] == []  # the old target's record moved too
+
+    other_process('reg.set_alias("math@1", "prod")')  # and from another process
+    status, headers, data = get_json(live, "/v1/adapters/math@prod")
+    assert data["ref"] == "math@1" and data["aliases"] == ["prod"]
+    status, headers, body = raw(live, "GET", "/v1/adapters/math@prod/archive")
+    assert headers["x-registry-digest"] == seeded["v1"].digest
+    assert sha(read_tar(body)[WEIGHTS]) == seeded["v1"].weights_sha256
+
+
+def test_a_version_removed_elsewhere_stops_resolving(live, seeded, reg):
+    v2 = seeded["v2"]
+    paths = [f"/v1/adapters/math@2", f"/v1/adapters/sha256:{v2.digest}", f"/v1/adapters/sha256:{v2.digest[:12]}",
+             f"/v1/adapters/math@2/files/{WEIGHTS}", f"/v1/adapters/math@2/files/{CONFIG}",
+             "/v1/adapters/math@2/archive", "/v1/adapters/math@2/prompts"]
+    for path in paths:  # cached
+        assert raw(live, "GET", path)[0] == 200, path
+    assert get_json(live, "/v1/adapters/math")[2]["ref"] == "math@2"  # latest
+
+    other_process('reg.remove("math@2")')
+    for path in paths:
+        status, _, body = raw(live, "GET", path)
+        assert "no adapter matches" in assert_json_error(status, body, 404), path
+    assert get_json(live, "/v1/adapters/math")[2]["ref"] == "math@1"  # latest moves back
+    assert get_json(live, "/v1/adapters/mix@1")[2]["lineage"]["parents"][1]["ref"] == "math@2"  # lineage stays
+    assert [c["ref"] for c in get_json(live, "/v1/adapters/math@1")[2]["lineage"]["children"]] == ["mix@1"]
+
+
+def test_metrics_and_new_children_are_seen(live, seeded, reg, tiny_adapter_factory):
+    from registry.store import Registry
+
+    before = get_json(live, "/v1/adapters/math@2")[2]
+    assert before["metrics"] == {} and [c["ref"] for c in before["lineage"]["children"]] == ["mix@1"]
+    with Registry.open() as other:
+        other.update_metrics("math@2", {"accuracy": 0.75})
+        other.add_directory(tiny_adapter_factory("child", seed=7), name="child", kind="composed",
+                            parents=[("math@2", 1.0)])
+    after = get_json(live, "/v1/adapters/math@2")[2]
+    assert after["metrics"] == {"accuracy": 0.75}
+    assert after["lineage"]["children"] == [{"ref": "child@1", "weight": 1.0}, {"ref": "mix@1", "weight": 0.5}]
+
+
+def test_an_unknown_ref_that_appears_later_resolves(live, seeded, reg, tiny_adapter_factory):
+    """404s are cached too (a client retrying a missing adapter costs no SQL): until something changes."""
+    for _ in range(2):
+        status, _, body = raw(live, "GET", "/v1/adapters/later")
+        assert "no adapter matches later" in assert_json_error(status, body, 404)
+    reg.add_directory(tiny_adapter_factory("later", seed=8), name="later")  # the server's own handle
+    assert get_json(live, "/v1/adapters/later")[2]["ref"] == "later@1"
+
+
+def test_repeated_reads_run_no_sql(reg, seeded):
+    """Once warm, reads of an unchanged registry are answered from memory: not one statement goes
+    through the registry's engine (the change stamp uses its own connection, outside the pool)."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy import event
+
+    from registry.server import create_app
+
+    client = TestClient(create_app(reg, token=TOKEN))
+    paths = ["/v1/adapters/math@prod", "/v1/adapters/math", f"/v1/adapters/sha256:{seeded['v1'].digest[:10]}",
+             f"/v1/adapters/math@1/files/{CONFIG}", f"/v1/adapters/math@prod/files/{WEIGHTS}",
+             "/v1/adapters/math@prod/archive", "/v1/adapters/math@1/prompts", "/v1/adapters/nosuch"]
+    first = [(client.get(p).status_code, client.get(p).content) for p in paths]
+    statements = []
+
+    def record(_connection, _cursor, statement, *_args):
+        statements.append(statement)
+
+    event.listen(reg.engine, "before_cursor_execute", record)
+    try:
+        again = [(client.get(p).status_code, client.get(p).content) for p in paths * 5]
+        assert statements == []
+        assert again == first * 5
+        reg.set_alias("math@2", "prod")  # a change: the next reads go to SQL again, once
+        statements.clear()
+        assert client.get("/v1/adapters/math@prod").json()["ref"] == "math@2"
+        assert statements
+    finally:
+        event.remove(reg.engine, "before_cursor_execute", record)
+
+
+def test_a_blob_corrupted_after_it_was_served_is_refused(client, seeded, reg):
+    """Verified weights are remembered by (size, mtime): a changed blob is hashed again first."""
+    url = f"/v1/adapters/math@1/files/{WEIGHTS}"
+    assert client.get(url).status_code == 200
+    blob = reg.blobs.path(seeded["v1"].weights_sha256)
+    data = bytearray(blob.read_bytes())
+    data[0] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    response = client.get(url)
+    assert "do not match their digest" in assert_json_error(response.status_code, response.content, 500)
+
+
+# --------------------------------------------------------------------------------------------
+# Zero-copy file responses (registry.serve_http) and the fast read path (registry.serve_reads)
+# --------------------------------------------------------------------------------------------
+
+
+def parsers() -> list[str]:
+    import importlib.util
+
+    return ["h11"] + (["httptools"] if importlib.util.find_spec("httptools") else [])
+
+
+@pytest.fixture(params=parsers())
+def zero_copy_server(request, reg, seeded, monkeypatch):
+    """A live server on the zero-copy protocol of each installed parser, counting os.sendfile calls."""
+    import os
+
+    import registry.serve_http as serve_http
+    from registry.server import ServerThread, create_app
+
+    calls = []
+    real = os.sendfile
+
+    def counting(*args):
+        sent = real(*args)
+        calls.append(sent)
+        return sent
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    thread = ServerThread(create_app(reg, token=TOKEN))
+    thread.server.config.http = serve_http.protocol_class(request.param)
+    assert thread.server.config.http is not None
+    with thread as url:
+        yield url, calls
+
+
+def test_zero_copy_files_keep_etag_range_and_conditional_semantics(zero_copy_server, seeded):
+    """Everything on ONE keep-alive connection: the byte accounting after each sendfile must leave
+    the connection usable for the next request."""
+    from registry.server import read_tar
+
+    url, calls = zero_copy_server
+    v1 = seeded["v1"]
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+
+    def get(path, headers=None, method="GET"):
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+
+    try:
+        path = f"/v1/adapters/math@1/files/{WEIGHTS}"
+        status, headers, body = get(path)
+        assert status == 200 and sha(body) == v1.weights_sha256 and headers["etag"] == f'"{v1.weights_sha256}"'
+        assert int(headers["content-length"]) == len(body) == v1.size_bytes
+        assert sum(calls) == v1.size_bytes  # the body went out by sendfile, all of it
+        size = len(body)
+        assert get(path, {"Range": "bytes=10-99"})[1:] == (get(path, {"Range": "bytes=10-99"})[1], body[10:100])
+        status, headers, part = get(path, {"Range": "bytes=-7"})
+        assert status == 206 and part == body[-7:] and headers["content-range"] == f"bytes {size - 7}-{size - 1}/{size}"
+        status, _, part = get(path, {"Range": "bytes=5-", "If-Range": f'"{v1.weights_sha256}"'})
+        assert status == 206 and part == body[5:]
+        status, _, part = get(path, {"Range": "bytes=5-", "If-Range": '"other"'})
+        assert status == 200 and part == body
+        status, headers, empty = get(path, {"If-None-Match": f'"{v1.weights_sha256}"'})
+        assert status == 304 and empty == b"" and headers["etag"] == f'"{v1.weights_sha256}"'
+        status, headers, answer = get(path, {"Range": f"bytes={size}-"})
+        assert_json_error(status, answer, 416)
+        assert headers["content-range"] == f"bytes */{size}"
+        status, headers, empty = get(path, method="HEAD")
+        assert status == 200 and empty == b"" and int(headers["content-length"]) == size
+        status, headers, archive = get("/v1/adapters/math@1/archive")
+        assert status == 200 and int(headers["content-length"]) == len(archive)
+        assert sha(read_tar(archive)[WEIGHTS]) == v1.weights_sha256
+        status, _, meta = get("/v1/adapters/math@1")  # and a plain JSON answer after all of that
+        assert status == 200 and json.loads(meta)["digest"] == v1.digest
+        status, _, answer = get("/v1/adapters/math@1/files/nope.bin")
+        assert "unknown file" in assert_json_error(status, answer, 404)
+    finally:
+        connection.close()
+
+
+def test_the_fast_path_answers_like_the_fastapi_routes(reg, seeded):
+    """FastReads takes the hot reads off FastAPI; the FastAPI routes stay for /docs and must give
+    the same status, body and headers."""
+    from fastapi.testclient import TestClient
+
+    from registry.server import create_app
+
+    fast = TestClient(create_app(reg, token=TOKEN))
+    routed = TestClient(create_app(reg, token=TOKEN, fast_reads=False))
+    v1 = seeded["v1"]
+    weights = f"/v1/adapters/math@1/files/{WEIGHTS}"
+    cases = [("GET", "/v1/adapters/math@prod", {}), ("GET", "/v1/adapters/mix", {}),
+             ("GET", f"/v1/adapters/sha256:{v1.digest[:9]}", {}), ("GET", "/v1/adapters/math@1/prompts", {}),
+             ("GET", f"/v1/adapters/math@prod/files/{CONFIG}", {"Range": "bytes=3-8"}),
+             ("GET", weights, {}), ("GET", weights, {"Range": "bytes=-20"}), ("HEAD", weights, {}),
+             ("GET", weights, {"If-None-Match": f'W/"{v1.weights_sha256}"'}), ("GET", weights, {"Range": "bytes=-0"}),
+             ("GET", "/v1/adapters/math@1/archive", {}), ("HEAD", "/v1/adapters/math@prod/archive", {}),
+             ("GET", "/v1/adapters/nosuch", {}), ("GET", "/v1/adapters/math@..", {}),
+             ("GET", "/v1/adapters/math@1/files/other.json", {}), ("GET", "/v1/adapters/sha256:12", {})]
+    compared = ("content-type", "content-length", "etag", "content-range", "cache-control", "x-registry-ref",
+                "x-registry-digest", "accept-ranges", "content-disposition")
+    for method, path, headers in cases:
+        a, b = fast.request(method, path, headers=headers), routed.request(method, path, headers=headers)
+        assert (a.status_code, a.content) == (b.status_code, b.content), path
+        assert {k: a.headers.get(k) for k in compared} == {k: b.headers.get(k) for k in compared}, path
+
+
+def test_search_follows_adds_and_removals_by_what_changed(reg, seeded):
+    """/v1/search catches the index up only when the database changed, and then by the new rows;
+    only a removal makes it compare the id sets."""
+    from fastapi.testclient import TestClient
+
+    from registry.embeddings import embed_texts
+    from registry.server import create_app
+    from registry.store import Registry
+
+    app = create_app(reg, token=TOKEN)
+    client = TestClient(app)
+    follower = app.state.index_follower
+    query = "What is 7 plus 1?"
+    assert [h["ref"] for h in client.get("/v1/search", params={"q": query, "k": 3}).json()] == ["math@1"]
+    assert client.get("/v1/search", params={"q": query, "k": 3}).status_code == 200
+    assert follower.full_scans == 0
+
+    vector = embed_texts([query])  # a new adapter whose prompt is the query itself: the top hit
+    with Registry.open() as other:
+        source = reg.fetch("math@2")
+        other.add_directory(source, name="exact", prompts=[query], prompt_embeddings=vector)
+    hits = client.get("/v1/search", params={"q": query, "k": 3}).json()
+    assert [h["ref"] for h in hits] == ["exact@1", "math@1"] and follower.full_scans == 0
+
+    with Registry.open() as other:
+        other.remove("exact@1")
+    assert [h["ref"] for h in client.get("/v1/search", params={"q": query, "k": 3}).json()] == ["math@1"]
+    assert follower.full_scans == 1
+    client.get("/v1/search", params={"q": query, "k": 3})
+    assert follower.full_scans == 1  # nothing changed since: no catch-up at all
