@@ -61,30 +61,48 @@ class ChangeStamp:
             # The snapshot (xmin:xmax:in-progress xids) changes whenever a writing transaction
             # ends anywhere in the cluster; read-only transactions get no xid and change nothing.
             self._query = "SELECT pg_current_snapshot()::text"
-        if self._query is not None:
-            connection = engine.raw_connection()
-            connection.detach()
-            if dialect == "postgresql":
-                connection.driver_connection.autocommit = True
-            self._connection = connection
+        self._engine = engine
         self.cheap = self._query is not None
 
+    def _connect(self):
+        """A DBAPI connection of the engine's, detached from its pool (reads only, autocommit on
+        PostgreSQL so it never sits idle in a transaction holding a snapshot)."""
+        connection = self._engine.raw_connection()
+        if self._engine.dialect.name == "postgresql":
+            dbapi = connection.dbapi_connection
+            dbapi.rollback()  # a pre-ping may have opened a transaction
+            dbapi.autocommit = True
+        connection.detach()
+        return connection
+
     def read(self):
-        if self._connection is None:
+        if self._query is None:
             return object()
         with self._lock:
-            cursor = self._connection.cursor()
+            if self._connection is None:  # first use, or reopened after close()
+                self._connection = self._connect()
             try:
-                cursor.execute(self._query)
-                return cursor.fetchone()[0]
-            finally:
-                cursor.close()
+                cursor = self._connection.cursor()
+                try:
+                    cursor.execute(self._query)
+                    return cursor.fetchone()[0]
+                finally:
+                    cursor.close()
+            except Exception:  # noqa: BLE001 - a dropped connection: treat as changed, reconnect next time
+                self._close()
+                return object()
 
     def close(self) -> None:
         with self._lock:
-            if self._connection is not None:
+            self._close()
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            try:
                 self._connection.close()
-                self._connection = None
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+            self._connection = None
 
 
 class StampedCache:

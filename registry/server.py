@@ -454,6 +454,7 @@ class ServerThread:
         if not zero_copy:
             options["http"] = "auto"
         config = uvicorn.Config(app, lifespan="off", **options)
+        self.app = app
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
@@ -472,6 +473,9 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.socket.close()
+        reads = getattr(getattr(self.app, "state", None), "reads", None)
+        if reads is not None:
+            reads.close()  # the change-stamp connection (lifespan is off here)
 
 
 def read_tar(data: bytes) -> dict[str, bytes]:
