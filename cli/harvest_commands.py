@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import HomeOption, JsonOption, app, console, open_registry, print_json, progress
+from cli.app import HomeOption, JsonOption, PrecisionOption, app, console, open_registry, print_json, progress
 
 tasks_app = typer.Typer(help="The task zoo and user task files.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
@@ -74,6 +74,7 @@ def harvest_command(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     keep: Annotated[Optional[int], typer.Option("--keep", help="Checkpoints kept near the end of training.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    precision: PrecisionOption = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
@@ -91,6 +92,9 @@ def harvest_command(
         if value is not None:
             setattr(config, field_name, value)
     check_settings(config, base)
+    from registry.precision import resolve
+
+    resolve(precision)  # an unknown name fails here, before any work
     tasks = [resolve_task(name) for name in (zoo_names() if zoo else [task])]
     summaries = []
     with open_registry(home) as reg, progress() as bar:
@@ -101,7 +105,8 @@ def harvest_command(
             def on_step(step, loss, _bar=steps_bar):
                 bar.update(_bar, completed=step, status=f"loss {loss:.3f}")
 
-            summary = harvest_task(reg, loaded, base=base, config=config, on_step=on_step, device=device)
+            summary = harvest_task(reg, loaded, base=base, config=config, on_step=on_step, device=device,
+                                   precision=precision)
             bar.update(steps_bar, completed=config.steps,
                        status="already harvested" if summary.skipped else f"{len(summary.refs)} checkpoints")
             bar.advance(overall)
@@ -132,6 +137,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
     base: Annotated[Optional[str], typer.Option(help="Base model folder for --base-only.")] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
+    precision: PrecisionOption = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
@@ -156,7 +162,8 @@ def eval_command(
     if len(tasks) != 1:
         raise RegistryError("--task may be repeated only with --route")
     with open_registry(home) as reg:
-        result = evaluate_stored(reg, tasks[0], adapter, base=base, limit=limit, batch_size=batch_size, device=device)
+        result = evaluate_stored(reg, tasks[0], adapter, base=base, limit=limit, batch_size=batch_size, device=device,
+                                 precision=precision)
     summary = {k: v for k, v in result.to_dict().items() if k != "predictions"} | {"adapter": adapter or "base"}
     if json_output:
         print_json(summary | {"predictions": result.to_dict()["predictions"][:5]})
@@ -164,7 +171,7 @@ def eval_command(
     from rich.table import Table
 
     table = Table(title=f"{result.task} ({result.metric})")
-    for column in ("model", "accuracy", "n", "seconds"):
+    for column in ("model", "accuracy", "n", "seconds", "precision"):
         table.add_column(column)
-    table.add_row(adapter or "base", f"{result.accuracy:.3f}", str(result.n), f"{result.seconds:.1f}")
+    table.add_row(adapter or "base", f"{result.accuracy:.3f}", str(result.n), f"{result.seconds:.1f}", result.precision)
     console().print(table)

@@ -57,6 +57,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from registry.precision import resolve as resolve_precision
+
 from .tokenizer import LoraLayout, TokenNormalizer, state_dict_to_tokens, token_mask, tokens_to_state_dict
 from .training import LayoutMismatch, TrainState, resolve_device, run_steps
 
@@ -375,7 +377,9 @@ class LoraCVAE(nn.Module):
         h = h.reshape(B, self.config.num_positions, self.config.flat_channels)  # (B, P, F_c)
         out = self.decoder(h)[:, :self.config.input_dim, 0]                  # (B, D)
         if self.config.basis_dim:
-            out = out + self.to_coefficients(latent) @ self.basis             # (B, K) @ (K, D)
+            coefficients = self.to_coefficients(latent).float()             # (B, K)
+            with torch.autocast(out.device.type, enabled=False):  # the adapter's weights themselves: fp32
+                out = out.float() + coefficients @ self.basis                 # (B, K) @ (K, D)
         return out
 
     def forward(self, x: Tensor, cond: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -461,7 +465,8 @@ def train_cvae(model: LoraCVAE, dataset: CVAEDataset | Sequence[tuple[Tensor, Te
                lr: float = 1e-3, batch_size: int = 4, device: str | torch.device | None = None,
                on_step: Callable[[int, int, float], bool | None] | None = None,
                state: TrainState | None = None, seed: int = 0, kl_weight: float = DEFAULT_KL_WEIGHT,
-               weight_decay: float = 0.0, grad_clip: float | None = 1.0) -> tuple[LoraCVAE, TrainState]:
+               weight_decay: float = 0.0, grad_clip: float | None = 1.0,
+               precision: str | None = None) -> tuple[LoraCVAE, TrainState]:
     """Train until ``state.step == steps`` (AdamW on MSE + kl_weight * KL); resumable.
 
     A fresh start (``state`` None or at step 0) first fits the condition standardisation on the
@@ -471,6 +476,8 @@ def train_cvae(model: LoraCVAE, dataset: CVAEDataset | Sequence[tuple[Tensor, Te
     ``save_training_state`` / ``load_training_state`` (``generator.training``, safetensors + JSON)
     resume exactly. ``on_step(step, steps, loss)`` runs after every step; returning False stops.
     Runs on CUDA when ``device`` is None and CUDA is available; data moves one batch at a time.
+    ``precision`` (``registry.precision``; None: auto): the forward's autocast; parameters, AdamW
+    state and the loss stay float32.
     """
     if not isinstance(dataset, CVAEDataset):
         dataset = CVAEDataset(dataset)
@@ -500,9 +507,10 @@ def train_cvae(model: LoraCVAE, dataset: CVAEDataset | Sequence[tuple[Tensor, Te
         noise = torch.randn(batch_size, model.config.latent_dim, generator=rng)  # (B, Z)
         weights = weights.to(device)
         recon, mu, logvar = model(weights, cond.to(device), noise.to(device))
-        return cvae_loss(recon, weights, mu, logvar, kl_weight)[0]
+        return cvae_loss(recon.float(), weights, mu.float(), logvar.float(), kl_weight)[0]
 
-    run_steps(model, optimizer, state, steps, rng, batch_loss, grad_clip, on_step)
+    run_steps(model, optimizer, state, steps, rng, batch_loss, grad_clip, on_step,
+              precision=resolve_precision(precision, device), device=device)
     return model, state
 
 

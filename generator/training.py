@@ -14,11 +14,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from registry.precision import resolve as resolve_precision
 
 from .condition import encode_prompt_tokens
 from .dnd import DnDConfig, DnDDecoder
@@ -169,13 +171,15 @@ def train_generator(model: DnDDecoder, dataset: GeneratorDataset, steps: int, lr
                     batch_size: int = 4, device: str | torch.device | None = None,
                     on_step: Callable[[int, int, float], bool | None] | None = None,
                     state: TrainState | None = None, seed: int = 0, weight_decay: float = 0.0,
-                    grad_clip: float | None = 1.0) -> tuple[DnDDecoder, TrainState]:
+                    grad_clip: float | None = 1.0, precision: str | None = None) -> tuple[DnDDecoder, TrainState]:
     """Train until ``state.step == steps`` (AdamW, weighted MSE in normalised token space).
 
     ``on_step(step, steps, loss)`` runs after every step; returning False stops early. Pass the
     returned state back (with a larger ``steps``) to continue exactly where training stopped; the
     state's own seed and RNG then win over ``seed``. Runs on CUDA when ``device`` is None and
-    CUDA is available; data stays on the CPU and moves one batch at a time.
+    CUDA is available; data stays on the CPU and moves one batch at a time. ``precision``
+    (``registry.precision``; None: auto) decides the forward's autocast; the decoder's parameters and
+    AdamW state stay float32 and the loss is taken in float32.
     """
     if tuple(model.config.output_shape) != dataset.token_shape:
         raise LayoutMismatch(f"model outputs {model.config.output_shape}, data is {dataset.token_shape}")
@@ -197,20 +201,26 @@ def train_generator(model: DnDDecoder, dataset: GeneratorDataset, steps: int, lr
     def batch_loss():
         condition, target = dataset.sample(batch_size, rng)  # (B, N, L, C), (B, T, h, w)
         prediction = model(condition.to(device))            # (B, T, h, w)
-        return weighted_mse(prediction, target.to(device), weights)
+        return weighted_mse(prediction.float(), target.to(device), weights)
 
-    run_steps(model, optimizer, state, steps, rng, batch_loss, grad_clip, on_step)
+    run_steps(model, optimizer, state, steps, rng, batch_loss, grad_clip, on_step,
+              precision=resolve_precision(precision, device), device=device)
     return model, state
 
 
-def run_steps(model, optimizer, state, steps: int, rng, batch_loss, grad_clip: float, on_step) -> None:
+def run_steps(model, optimizer, state, steps: int, rng, batch_loss, grad_clip: float, on_step,
+              precision: str = "fp32", device: Any = "cpu") -> None:
     """The optimisation loop shared by the generators: step until ``steps`` (or ``on_step`` says
-    False), recording losses; the optimizer and RNG state are saved into ``state`` even on Ctrl-C."""
+    False), recording losses; the optimizer and RNG state are saved into ``state`` even on Ctrl-C.
+    ``batch_loss`` (the forward) runs under ``precision``'s autocast, the backward and step outside."""
     import torch
+
+    from registry.precision import autocast
 
     try:
         while state.step < steps:
-            loss = batch_loss()
+            with autocast(precision, device):
+                loss = batch_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:

@@ -4,6 +4,10 @@ Batched greedy decoding with left padding through the chat template (the same re
 harvest trains on), stopping at the end-of-turn token; every generation is scored with the task's
 metric (``harvest.metrics.score``). ``max_new_tokens`` defaults per task to the longest reference
 answer in tokens plus a margin, so a verbose base model still gets room to state its answer.
+
+Precision (``registry.precision``): in ``bf16`` a base loaded here is stored in bfloat16 and decoding
+runs under bf16 autocast (an attached LoRA keeps float32 weights). Greedy completions can differ
+from fp32 on a few items; ``benchmarks/bench_harvest.py --eval`` measures by how much.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class EvalResult:
     predictions: list[Prediction] = field(default_factory=list)
     seconds: float = 0.0
     new_tokens: int = 0
+    precision: str = "fp32"
 
     @property
     def correct(self) -> int:
@@ -47,7 +52,7 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return {"task": self.task, "metric": self.metric, "accuracy": self.accuracy, "n": self.n,
-                "seconds": self.seconds, "predictions": [p.__dict__ for p in self.predictions]}
+                "seconds": self.seconds, "precision": self.precision, "predictions": [p.__dict__ for p in self.predictions]}
 
 
 def default_max_new_tokens(tokenizer, examples: list[Example], margin: int = 16, cap: int = 96) -> int:
@@ -171,20 +176,25 @@ def evaluate(
     max_new_tokens: int | None = None,
     device: str | None = None,
     threads: int | None = None,
+    precision: str | None = None,
 ) -> EvalResult:
     """Accuracy of a model on ``task``'s ``split`` plus per-item predictions.
 
     Either pass a loaded ``model`` (a base or a PeftModel) + ``tokenizer``, or a ``base`` name/path
     (default SmolLM2). ``adapter`` (a PEFT folder or a PEFT state dict) is attached to a fresh copy
-    of the base, so cached models are never modified.
+    of the base, so cached models are never modified. ``precision``: ``auto``/``fp32``/``bf16``.
     """
     from registry import base_models
+    from registry import precision as precisions
 
     examples = task.split(split)[:limit] if limit else task.split(split)
     if device in (None, "cpu"):
         configure_threads(threads)
+    run_device = device or (next(model.parameters()).device if model is not None else base_models.default_device())
+    precision = precisions.resolve(precision, run_device)
     if model is None:
-        model, tokenizer = base_models.load_base(base, device=device, cached=adapter is None)
+        model, tokenizer = base_models.load_base(base, device=device, dtype=precisions.frozen_dtype(precision),
+                                                 cached=adapter is None)
     elif tokenizer is None:
         raise HarvestError("pass the tokenizer together with the model")
     if adapter is not None:
@@ -192,11 +202,12 @@ def evaluate(
     model.eval()
     max_new = max_new_tokens or task.info.max_new_tokens or default_max_new_tokens(tokenizer, examples)
     t0 = time.perf_counter()
-    outputs, new_tokens = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new,
-                                   batch_size=batch_size)
+    with precisions.autocast(precision, run_device):
+        outputs, new_tokens = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new,
+                                       batch_size=batch_size)
     seconds = time.perf_counter() - t0
     predictions = [Prediction(e.prompt, e.answer, out, score(task.metric, out, e.answer))
                    for e, out in zip(examples, outputs)]
     accuracy = sum(p.score for p in predictions) / len(predictions) if predictions else 0.0
     return EvalResult(task=task.name, metric=task.metric, accuracy=accuracy, n=len(predictions),
-                      predictions=predictions, seconds=seconds, new_tokens=new_tokens)
+                      predictions=predictions, seconds=seconds, new_tokens=new_tokens, precision=precision)

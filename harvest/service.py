@@ -71,9 +71,14 @@ def task_prompt_sample(spec: str, n: int = 32, seed: int = 0) -> tuple[str, list
     return task.name, prompts
 
 
-def harvest_id(task: Task, config: HarvestConfig, base_id: str) -> str:
+def harvest_id(task: Task, config: HarvestConfig, base_id: str, precision: str = "fp32") -> str:
+    """The harvest's identity: task data, settings, base, and the precision when it is not fp32 (so
+    the ids of fp32 harvests made before the precision policy existed are unchanged)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"task": task.name, "config": config.to_dict(), "base": base_id}, sort_keys=True).encode())
+    identity = {"task": task.name, "config": config.to_dict(), "base": base_id}
+    if precision != "fp32":
+        identity["precision"] = precision
+    digest.update(json.dumps(identity, sort_keys=True).encode())
     for example in task.split("train"):
         digest.update(example.prompt.encode())
         digest.update(b"\0")
@@ -103,9 +108,13 @@ def check_settings(config: HarvestConfig, base: str | None) -> None:
 
 
 def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestConfig | None = None,
-                 name: str | None = None, on_step=None, device: str | None = None) -> HarvestSummary:
-    """Harvest ``task`` into ``reg`` (resuming / skipping what an earlier run already did)."""
+                 name: str | None = None, on_step=None, device: str | None = None,
+                 precision: str | None = None) -> HarvestSummary:
+    """Harvest ``task`` into ``reg`` (resuming / skipping what an earlier run already did).
+
+    ``precision`` (auto/fp32/bf16) is resolved here and recorded in every checkpoint's recipe."""
     from registry import base_models
+    from registry import precision as precisions
     from registry.embeddings import embed_texts
     from registry.refs import validate_name
 
@@ -115,7 +124,8 @@ def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestCon
     check_settings(config, base)
     name = validate_name(name or task.name)
     base_id = base_models.base_model_id(base)
-    hid = harvest_id(task, config, base_id)
+    precision = precisions.resolve(precision, device or base_models.default_device())
+    hid = harvest_id(task, config, base_id, precision)
     summary = HarvestSummary(task=task.name, harvest_id=hid)
     done = stored_checkpoints(reg, task.name, hid)
     if len(done) >= config.n_checkpoints:
@@ -134,13 +144,13 @@ def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestCon
             task_description=task.description, prompts=prompts, prompt_embeddings=embeddings,
             metrics={"train_loss": float(loss)}, tags=["harvest"],
             recipe={"harvest_id": hid, "task": task.name, "step": step, "config": config.to_dict(),
-                    "base": base_id},
+                    "base": base_id, "precision": precision},
         )
         done[step] = info.ref
 
     start = time.perf_counter()
     result = harvest(task, base=base, config=config, work_dir=reg.home / "work" / "harvest" / f"{task.name}-{hid}",
-                     resume=True, on_step=on_step, on_checkpoint=store, device=device)
+                     resume=True, on_step=on_step, on_checkpoint=store, device=device, precision=precision)
     summary.seconds = result.earlier_seconds + time.perf_counter() - start  # resumed runs count too
     summary.steps, summary.final_loss = result.steps, (result.losses[-1] if result.losses else None)
     summary.tokens_per_second = result.tokens_per_second
@@ -154,7 +164,8 @@ def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestCon
 
 
 def evaluate_stored(reg, task: Task, ref: str | None = None, *, base: str | None = None,
-                    limit: int | None = None, batch_size: int = 16, device: str | None = None):
+                    limit: int | None = None, batch_size: int = 16, device: str | None = None,
+                    precision: str | None = None):
     """Evaluate an adapter from the registry (or the base alone) on ``task``'s test split.
 
     The adapter's result is stored in its metrics as ``eval/<task>/<metric>``; a base-only result is
@@ -165,7 +176,7 @@ def evaluate_stored(reg, task: Task, ref: str | None = None, *, base: str | None
     from harvest.evaluate import evaluate
 
     if ref is None:
-        result = evaluate(task, base=base, limit=limit, batch_size=batch_size, device=device)
+        result = evaluate(task, base=base, limit=limit, batch_size=batch_size, device=device, precision=precision)
         config = base_models.load_base_config(base)
         out = reg.home / "evals" / "base" / base_models.base_fingerprint(config)[:16] / f"{task.name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +186,7 @@ def evaluate_stored(reg, task: Task, ref: str | None = None, *, base: str | None
     info = reg.resolve(ref)
     path = reg.fetch(info.ref)
     result = evaluate(task, base=base or info.base_model, adapter=str(path), limit=limit,
-                      batch_size=batch_size, device=device)
+                      batch_size=batch_size, device=device, precision=precision)
     reg.update_metrics(info.ref, {f"eval/{task.name}/{task.metric}": result.accuracy,
                                   f"eval/{task.name}/n": result.n})
     return result

@@ -18,6 +18,11 @@ pickle), atomically. The data order is a pure function of ``(seed, epoch)``, so 
 replays exactly the batches an uninterrupted one would have seen and ends at the same weights (on
 the same device and thread count). A checkpoint emitted just before a crash, before the state was
 saved, is emitted again on resume: consumers should key checkpoints by step.
+
+Precision (``registry.precision``): with ``bf16`` the frozen base is stored in bfloat16 and the
+forward runs under bf16 autocast; the LoRA parameters, their gradients and AdamW's moments stay
+float32. The resolved precision is part of the resume fingerprint (a work dir of an fp32 run is not
+resumed in bf16) and of the result.
 """
 
 from __future__ import annotations
@@ -117,6 +122,7 @@ class HarvestResult:
     tokens: int  # tokens (prompt + answer, no padding) processed by the steps run in this call
     resumed_from: int = 0
     earlier_seconds: float = 0.0  # training time spent by the interrupted runs this one resumed
+    precision: str = "fp32"  # the resolved precision the steps ran in
 
     @property
     def total_seconds(self) -> float:
@@ -322,11 +328,14 @@ def _loss_fn(peft_model):
     return loss
 
 
-def _fingerprint(config: HarvestConfig, base_id: str, examples: list[Example]) -> str:
+def _fingerprint(config: HarvestConfig, base_id: str, examples: list[Example], precision: str = "fp32") -> str:
     digest = hashlib.sha256()
     settings = config.to_dict()
     settings.pop("save_every", None)  # how often state is saved does not change the result
-    digest.update(json.dumps({"config": settings, "base": base_id}, sort_keys=True).encode())
+    identity = {"config": settings, "base": base_id}
+    if precision != "fp32":  # fp32 fingerprints stay those of the runs made before the policy existed
+        identity["precision"] = precision
+    digest.update(json.dumps(identity, sort_keys=True).encode())
     for example in examples:
         digest.update(json.dumps([example.prompt, example.answer]).encode())
     return digest.hexdigest()
@@ -405,11 +414,14 @@ def harvest(
     threads: int | None = None,
     model=None,
     tokenizer=None,
+    precision: str | None = None,
 ) -> HarvestResult:
     """Fine-tune a LoRA on ``task``'s train split and return the final adapter.
 
     ``base`` is a base name or folder (``registry.base_models``); pass ``model`` + ``tokenizer``
-    instead to train on an already loaded, unwrapped model (it gets LoRA layers injected).
+    instead to train on an already loaded, unwrapped model (it gets LoRA layers injected and, in
+    bf16, its frozen weights cast to bfloat16). ``precision`` is ``auto``/``fp32``/``bf16``
+    (``registry.precision``; None: auto).
     With ``work_dir`` the run is resumable (see module docstring); on success the state files are
     removed unless ``keep_work_dir``.
     """
@@ -417,6 +429,7 @@ def harvest(
     from peft import get_peft_model
 
     from registry import base_models
+    from registry import precision as precisions
 
     config = config or HarvestConfig()
     config.validate()
@@ -426,17 +439,19 @@ def harvest(
         raise HarvestError("the task has no training examples")
 
     device = device or base_models.default_device()
+    precision = precisions.resolve(precision, device)
     if device == "cpu":
         configure_threads(threads)
     if model is None:
-        model, tokenizer = base_models.load_base(base, device=device, cached=False)
+        model, tokenizer = base_models.load_base(base, device=device, dtype=precisions.frozen_dtype(precision),
+                                                 cached=False)
         base_id = base_models.base_model_id(base)
     else:
         if tokenizer is None:
             raise HarvestError("pass the tokenizer together with the model")
         base_id = base_models.base_model_id(base) if base is not None else str(
             getattr(model.config, "_name_or_path", "") or "")
-        model.to(device)
+        model.to(device=device, dtype=precisions.frozen_dtype(precision))
     missing = sorted(set(config.target_modules) - linear_leaf_names(model))
     if missing:
         available = ", ".join(sorted(linear_leaf_names(model)))
@@ -450,14 +465,17 @@ def harvest(
     torch.manual_seed(config.seed)
     for param in model.parameters():
         param.requires_grad_(False)
-    peft_model = get_peft_model(model, lora_config(config, base_id))
+    peft_model = get_peft_model(model, lora_config(config, base_id))  # LoRA weights in fp32 (PEFT's default)
     named = sorted((n, p) for n, p in peft_model.named_parameters() if p.requires_grad)
     params = [p for _, p in named]
+    for param in params:  # fp32 master weights whatever the base's storage dtype
+        if param.dtype != torch.float32:
+            param.data = param.data.float()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     loss_of = _loss_fn(peft_model)
     ckpt_steps = set(checkpoint_steps(config))
 
-    fingerprint = _fingerprint(config, base_id, examples)
+    fingerprint = _fingerprint(config, base_id, examples, precision)
     work = Path(work_dir) if work_dir is not None else None
     start, losses, emitted, earlier_seconds = 0, [], [], 0.0
     if work is not None and resume:
@@ -488,7 +506,7 @@ def harvest(
         _save_state(work, named, optimizer, {
             "fingerprint": fingerprint, "step": step, "losses": losses, "checkpoints": emitted,
             "train_seconds": earlier_seconds + time.perf_counter() - t0,
-            "config": config.to_dict(), "base_model_id": base_id,
+            "config": config.to_dict(), "base_model_id": base_id, "precision": precision,
             "data_order": {"seed": config.seed, "batch_size": config.batch_size,
                            "batches_per_epoch": batches_per_epoch, "bucket_batches": _BUCKET_BATCHES},
         })
@@ -507,7 +525,8 @@ def harvest(
 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        loss = loss_of(input_ids, attention, labels)
+        with precisions.autocast(precision, device):
+            loss = loss_of(input_ids, attention, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
@@ -539,6 +558,7 @@ def harvest(
         tokens=tokens,
         resumed_from=start,
         earlier_seconds=earlier_seconds,
+        precision=precision,
     )
     if work is not None and not keep_work_dir:
         clear_work_dir(work)
