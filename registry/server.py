@@ -35,6 +35,20 @@ Every error is a JSON body ``{"error": "..."}``: 400 for a malformed REF or body
 token, 403 with a wrong one, 404 for an unknown adapter, route or file, 413 for a body over
 ``max_body_bytes`` (1 MiB by default), 416 for an unsatisfiable range, 422 for a body of the wrong
 shape, 501 for generate/compose without a backend.
+
+Speed (the decisions; measured by ``benchmarks/bench_serve_load.py``):
+
+- the four adapter reads are answered by ``serve_reads.FastReads`` in front of FastAPI, from
+  memory: per request one change-stamp read (``serve_cache.ChangeStamp``: SQLite's
+  ``data_version``, PostgreSQL's current snapshot) says whether anything was committed since the
+  cached answer was built; what depends only on a digest (config bytes, prompts, verified blobs)
+  is kept for good; so a REF costs SQL only the first time after a change, and an alias moved by
+  any process shows on the next request;
+- blobs go out with ``sendfile`` through the ASGI zero-copy extension that ``serve_http`` adds to
+  uvicorn's protocol, headers in the same TCP segment as the body;
+- ``/v1/search`` and ``/v1/compose`` catch the FAISS index up only after a change, by the rows
+  added since (``serve_cache.IndexFollower``);
+- one uvicorn worker (``uvicorn_options``): the index and the models live in the process.
 """
 
 import contextlib

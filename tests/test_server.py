@@ -801,3 +801,86 @@ def test_search_follows_adds_and_removals_by_what_changed(reg, seeded):
     assert follower.full_scans == 1
     client.get("/v1/search", params={"q": query, "k": 3})
     assert follower.full_scans == 1  # nothing changed since: no catch-up at all
+
+
+def test_connection_close_and_http_1_0_get_whole_bodies(zero_copy_server, seeded):
+    """uvicorn closes these connections after the response: what was held back to go out in one
+    write (headers + body) must be written before the close."""
+    import socket
+
+    url, _ = zero_copy_server
+    v1 = seeded["v1"]
+    for path, check in [(f"/v1/adapters/math@1/files/{WEIGHTS}", lambda body: sha(body) == v1.weights_sha256),
+                        ("/v1/adapters/math@1", lambda body: json.loads(body)["digest"] == v1.digest)]:
+        status, headers, body = raw(url, "GET", path, headers={"Connection": "close"})
+        assert status == 200 and check(body) and headers["connection"] == "close"
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):  # HTTP/1.0: the server closes when done
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and check(body), head
+
+
+def test_a_client_that_goes_away_mid_sendfile_leaves_the_server_serving(reg, seeded, tmp_path):
+    """A 9 MB blob (more than a socket's send buffer takes, so sendfile has to wait) to readers
+    that stop reading and hang up: their sends fail, their connections are dropped, and other
+    clients (including one reading at the same time) are served intact."""
+    import socket
+    import threading
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_serve_load import random_lora, write_base_config
+
+    from registry.server import ServerThread, create_app
+
+    import logging
+
+    state, config = random_lora(0, rank=40)  # 30 layers x (q, v): 9.2 MB of float32
+    big = reg.add_weights("big", state, config, kind="imported", base=str(write_base_config(tmp_path / "base")))
+    path = f"/v1/adapters/big@1/files/{WEIGHTS}"
+    problems = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.ERROR:
+                problems.append(record.getMessage())
+
+    thread = ServerThread(create_app(reg, token=TOKEN))  # (uvicorn's logging is set up here)
+    collect = Collect()
+    logging.getLogger("uvicorn.error").addHandler(collect)
+    try:
+        serve_while_clients_quit(thread, path, big, seeded)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(collect)
+    assert problems == []  # a client hanging up is not an application error: no traceback logged
+
+
+def serve_while_clients_quit(thread, path, big, seeded):
+    import socket
+    import threading
+
+    with thread as url:
+        host, port = url.removeprefix("http://").split(":")
+        quitters = []
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.recv(1000)
+            quitters.append(sock)
+        results = []
+        reader = threading.Thread(target=lambda: results.append(raw(url, "GET", path)))
+        reader.start()
+        for sock in quitters:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # reset on close
+            sock.close()
+        reader.join(timeout=60)
+        status, _, body = results[0]
+        assert status == 200 and sha(body) == big.weights_sha256 and len(body) == big.size_bytes
+        status, _, body = raw(url, "GET", path, headers={"Range": "bytes=1000000-"})
+        assert status == 206 and body == results[0][2][1000000:]
+        assert_still_serving(url, seeded)
