@@ -13,6 +13,8 @@ scores base and LoRA on the same test items. Rows (``--modes``):
 
 Speed figures: training tokens/s (prompt + answer tokens, no padding), median seconds per step,
 evaluation items/s of the base model on ``--eval-items`` test items. Ratios are against ``before``.
+With ``--rounds N`` the modes run in turn N times and each keeps its best round (machine load
+then hits every mode alike; on a shared 2-core machine a single round can be off by 2x).
 Prints one line per (task, mode) and a JSON summary.
 """
 
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", action="store_true", help="also train-to-accuracy: score base and LoRA")
     parser.add_argument("--limit", type=int, default=100, help="test items for --eval")
     parser.add_argument("--eval-items", type=int, default=32, help="test items for the eval speed figure")
+    parser.add_argument("--rounds", type=int, default=1, help="run the modes in turn N times, keep each one's best")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON summary here too")
     args = parser.parse_args(argv)
 
@@ -109,11 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {}
     for name in [n for n in args.tasks.split(",") if n]:
         task = load_zoo_task(name)
-        rows = {}
-        for mode in modes:
-            rows[mode] = run_mode(task, mode, args, threads)
-            shown = {k: v for k, v in rows[mode].items() if k != "lora_answers"}
-            print(f"{name:20s} {mode:7s} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+        rows: dict = {}
+        for round_index in range(args.rounds):
+            for mode in modes:
+                row = run_mode(task, mode, args, threads)
+                shown = {k: v for k, v in row.items() if k != "lora_answers"}
+                print(f"{name:20s} {mode:7s} round {round_index + 1}: " + " ".join(f"{k}={v}" for k, v in shown.items()),
+                      flush=True)
+                if mode not in rows:
+                    rows[mode] = row
+                else:  # keep the best speed figures; accuracy is the same run to run
+                    best = rows[mode]
+                    best["train_tok_s"] = max(best["train_tok_s"], row["train_tok_s"])
+                    best["eval_items_s"] = max(best["eval_items_s"], row["eval_items_s"])
+                    best["sec_per_step"] = min(best["sec_per_step"], row["sec_per_step"])
         if "before" in rows:
             for mode, row in rows.items():
                 row["train_tok_s_x"] = round(row["train_tok_s"] / rows["before"]["train_tok_s"], 2)
