@@ -53,6 +53,7 @@ def train_generator(
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Only adapters of this base model.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Artifact name, a new version each time (default: the arch).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: CUDA when present).")] = None,
+    precision: PrecisionOption = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Discard saved training state and start over.")] = False,
     home: HomeOption = None,
     json_output: JsonOption = False,
@@ -86,14 +87,16 @@ def train_generator(
         info = train_generator_from_registry(
             reg, name=name, tasks=tasks or None, exclude_tasks=exclude_tasks, steps=steps, lr=lr,
             batch_size=batch_size, device=device, on_step=on_step, resume=not fresh,
-            on_status=lambda message: bar.update(task_id, status=message), arch=arch, **options)
+            on_status=lambda message: bar.update(task_id, status=message), arch=arch, precision=precision,
+            **options)
         bar.update(task_id, completed=steps)
     if json_output:
         print_json(info.to_dict())
         return
     meta = info.meta
     err.print(f"trained on {len(meta['adapters'])} adapters of {len(meta['tasks'])} tasks "
-              f"({', '.join(meta['tasks'])}) in {_seconds(meta['wall_time_s'])}; final loss {meta['final_loss']:.4f}",
+              f"({', '.join(meta['tasks'])}) in {_seconds(meta['wall_time_s'])} ({meta['training'].get('precision', 'fp32')}); "
+              f"final loss {meta['final_loss']:.4f}",
               soft_wrap=True)
     console().print(f"stored [bold]{info.ref}[/bold] sha256:{info.sha256}", soft_wrap=True)
 

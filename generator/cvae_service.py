@@ -29,7 +29,8 @@ from generator.service import (CVAE_ARTIFACT_TYPE, DEFAULT_LR, DEFAULT_SAVE_EVER
                                GeneratorError, GeneratorLayoutError, LoadedGenerator, _check_base,
                                _checked_layout, _load_prefixed, _model_and_state, _model_for_layout, _sha256_json,
                                _stored_artifact, _sync, _WorkDir, collect_training_set, generator_peft_config,
-                               load_generator_artifact, resolve_any_generator, run_chunked_training, training_meta)
+                               load_generator_artifact, resolve_any_generator, resolve_precision, run_chunked_training,
+                               training_meta)
 from registry.errors import RegistryError
 
 # The artifact's format, code version and tensor-name prefixes (its type, ``CVAE_ARTIFACT_TYPE``, is
@@ -47,7 +48,7 @@ MAX_DEFAULT_BASIS_DIM = 64
 CVAE_OPTIONS = ("latent_dim", "strides", "channels", "positions", "flat_channels", "cond_embed", "basis_dim",
                 "coefficient_hidden")
 CVAE_TRAINING_OPTIONS = ("chunk_width", "center", "seed", "weight_decay", "grad_clip", "save_every", "base_model",
-                         "kl_weight", "max_length")
+                         "kl_weight", "max_length", "precision")
 
 
 # -----------------------------------------------------------------------------
@@ -152,6 +153,7 @@ def train_cvae_from_registry(
     status("collecting harvested adapters")
     data = collect_training_set(reg, tasks, exclude_tasks, base_model=training_options.get("base_model"))
     device = resolve_device(device)
+    precision = resolve_precision(training_options.get("precision"), device)  # the training forward's autocast
     status(f"loading the base model {data.base_model}")
     base, tokenizer = _load_base_for(data.base_model, data.base_fingerprint, device)
     base_identity = model_identity(base)
@@ -188,6 +190,7 @@ def train_cvae_from_registry(
     fingerprint = _sha256_json({"arch": "cvae", "adapters": [[a["ref"], a["digest"]] for a in data.adapters],
                                 "prompts": data.prompts, "config": cvae_config.to_dict(), "base": base_identity,
                                 "condition": condition, "training": settings, "name": name,
+                                **({"precision": precision} if precision != "fp32" else {}),
                                 "code": CVAE_SERVICE_VERSION})
     work = _WorkDir(reg.home / "work" / "generators" / fingerprint[:24])
     with work.locked():
@@ -206,7 +209,8 @@ def train_cvae_from_registry(
             record={"fingerprint": fingerprint, "name": name, "arch": "cvae"},
             train_chunk=lambda model, state, target, on_chunk_step: train_cvae(
                 model, dataset, steps=target, lr=lr, batch_size=batch_size, device=device, on_step=on_chunk_step,
-                state=state, seed=seed, kl_weight=kl_weight, weight_decay=weight_decay, grad_clip=grad_clip))
+                state=state, seed=seed, kl_weight=kl_weight, weight_decay=weight_decay, grad_clip=grad_clip,
+                precision=precision))
 
         meta = {
             "format": CVAE_ARTIFACT_FORMAT,
@@ -215,7 +219,7 @@ def train_cvae_from_registry(
             "config": cvae_config.to_dict(),
             **training_meta(data, layout, exclude_tasks, checkpoints_per_task, state, {
                 **settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
-                "device": str(device), "fingerprint": fingerprint}),
+                "device": str(device), "fingerprint": fingerprint, "precision": precision}),
             "base_identity": base_identity,
             "condition": condition,
             "task_vector_sha256": {t: _vector_digest(v) for t, v in vectors.items()},

@@ -70,7 +70,7 @@ DEFAULT_SAVE_EVERY = 100
 # Options of ``train_generator_from_registry(**config)``: decoder shape and training settings.
 DECODER_OPTIONS = ("prompt_tokens", "n_layers", "kernel", "hidden_tokens", "shapes")
 TRAINING_OPTIONS = ("chunk_width", "center", "spread_weighting", "seed", "weight_decay", "grad_clip",
-                    "save_every", "base_model")
+                    "save_every", "base_model", "precision")
 
 
 class GeneratorError(RegistryError):
@@ -426,7 +426,8 @@ def train_generator_from_registry(
     ``config`` takes decoder options (``prompt_tokens`` L = 64, ``n_layers`` = 4, ``kernel`` = 5,
     ``hidden_tokens`` = 64, ``shapes``) and training options (``chunk_width``, ``center`` =
     "element", ``spread_weighting`` = False, ``seed`` = 0, ``weight_decay`` = 0, ``grad_clip`` = 1,
-    ``save_every`` = 100, ``base_model``). ``on_step(step, steps, loss)`` runs after every step;
+    ``save_every`` = 100, ``base_model``, ``precision`` = auto: the training forward's autocast,
+    ``registry.precision``; recorded in the artifact). ``on_step(step, steps, loss)`` runs after every step;
     returning False stops training (state saved, ``TrainingStopped`` raised). ``resume=False``
     discards saved state and starts over. Returns the stored ``ArtifactInfo``.
     """
@@ -460,6 +461,7 @@ def train_generator_from_registry(
     spread_weighting = bool(training_options.get("spread_weighting", False))
     weight_decay = float(training_options.get("weight_decay", 0.0))
     grad_clip = training_options.get("grad_clip", 1.0)
+    precision = resolve_precision(training_options.get("precision"), resolve_device(device))
 
     status("collecting harvested adapters")
     data = collect_training_set(reg, tasks, exclude_tasks, base_model=training_options.get("base_model"))
@@ -491,6 +493,7 @@ def train_generator_from_registry(
     fingerprint = _sha256_json({"adapters": [[a["ref"], a["digest"]] for a in data.adapters],
                                 "prompts": data.prompts, "config": decoder_config.to_dict(),
                                 "encoder": reg.encoder_id, "training": settings, "name": name,
+                                **({"precision": precision} if precision != "fp32" else {}),
                                 "code": SERVICE_VERSION})
     work = _WorkDir(reg.home / "work" / "generators" / fingerprint[:24])
     with work.locked():
@@ -510,7 +513,7 @@ def train_generator_from_registry(
             record={"fingerprint": fingerprint, "name": name},
             train_chunk=lambda model, state, target, on_chunk_step: train_generator(
                 model, dataset, steps=target, lr=lr, batch_size=batch_size, device=device, on_step=on_chunk_step,
-                state=state, seed=seed, weight_decay=weight_decay, grad_clip=grad_clip))
+                state=state, seed=seed, weight_decay=weight_decay, grad_clip=grad_clip, precision=precision))
 
         meta = {
             "format": ARTIFACT_FORMAT,
@@ -518,7 +521,7 @@ def train_generator_from_registry(
             "config": decoder_config.to_dict(),
             **training_meta(data, layout, exclude_tasks, checkpoints_per_task, state, {
                 **settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
-                "device": str(device), "fingerprint": fingerprint}),
+                "device": str(device), "fingerprint": fingerprint, "precision": precision}),
             "encoder": reg.encoder_id,
             "prompt_tokens": decoder_config.prompt_tokens,
             "n_prompts": n_prompts,

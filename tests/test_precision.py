@@ -121,3 +121,21 @@ def test_generator_training_in_bf16_keeps_fp32_parameters():
         losses[name] = state.losses
     assert losses["bf16"][-1] < 0.5 * losses["bf16"][0]
     assert losses["bf16"][-1] == pytest.approx(losses["fp32"][-1], rel=0.3, abs=0.02)
+
+
+def test_train_generator_records_its_precision_and_refuses_unknown(reg, tiny_adapter_factory):
+    from generator.service import GeneratorError, train_generator_from_registry
+    from tests.test_generate_service import TINY, add_harvested
+
+    for i, task in enumerate(("add", "reverse")):
+        add_harvested(reg, tiny_adapter_factory, task, seed=i)
+    options = dict(steps=3, lr=1e-2, batch_size=2, device="cpu", **TINY)
+    with pytest.raises(GeneratorError, match="unknown precision 'half'"):
+        train_generator_from_registry(reg, precision="half", **options)
+    assert reg.list_artifacts() == []
+    fp32 = train_generator_from_registry(reg, precision="fp32", **options)
+    bf16 = train_generator_from_registry(reg, precision="bf16", **options)
+    assert fp32.meta["training"]["precision"] == "fp32" and bf16.meta["training"]["precision"] == "bf16"
+    assert fp32.ref != bf16.ref  # another precision is another training, not the stored one
+    tensors, _ = reg.load_artifact(bf16.ref)
+    assert all(t.dtype == torch.float32 for k, t in tensors.items() if k.startswith("decoder."))
