@@ -53,6 +53,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -394,6 +395,12 @@ class LeanConnection:
     def __init__(self, port: int):
         self.sock = socket.create_connection((HOST, port), timeout=30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Blocking mode with kernel timeouts (30 s each way, so nothing waits forever): no poll()
+        # before every recv, as Python's own socket timeouts need.
+        self.sock.settimeout(None)
+        limit = struct.pack("ll", 30, 0)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
         self.buffers: dict[int, bytearray] = {}
 
     def get(self, path: str, headers: dict | None = None) -> tuple[int, dict, bytes | bytearray]:
@@ -591,7 +598,7 @@ def run_focused(port: int, targets: list, args, server_pid: int) -> dict:
 
 
 def run_mixed(port: int, home: Path, base: Path, names: list[str], known: Known, env: dict, args,
-              workdir: Path) -> dict:
+              workdir: Path, server_pid: int) -> dict:
     """The mixed phase: every kind of read while a writer process adds versions and moves aliases."""
     writer = subprocess.Popen([sys.executable, __file__, "--role", "writer", "--home", str(home),
                                "--base", str(base), "--url", f"http://{HOST}:{port}", "--names", ",".join(names),
@@ -603,13 +610,13 @@ def run_mixed(port: int, home: Path, base: Path, names: list[str], known: Known,
         deadline = time.monotonic() + args.seconds
         readers = [Reader(i, port, names, known, deadline, workdir / "client-cache" / str(i), args.max_requests)
                    for i in range(args.clients)]
-        run_started = time.perf_counter()
+        run_started, server_started = time.perf_counter(), process_cpu_s(server_pid)
         for reader in readers:
             reader.start()
         join_deadline = time.monotonic() + args.seconds + 120
         for reader in readers:
             reader.join(timeout=max(0.0, join_deadline - time.monotonic()))
-        elapsed = time.perf_counter() - run_started
+        elapsed, server_cpu = time.perf_counter() - run_started, process_cpu_s(server_pid)
         hung = sum(reader.is_alive() for reader in readers)
         try:
             writer_out, writer_err = writer.communicate(timeout=180)
@@ -637,6 +644,7 @@ def run_mixed(port: int, home: Path, base: Path, names: list[str], known: Known,
         "p50_ms": percentile(everything, 50), "p99_ms": percentile(everything, 99),
         "MB_per_s": round(total_bytes / elapsed / 1e6, 2), "MB_total": round(total_bytes / 1e6, 1),
         "errors": len(errors), "corrupt_reads": len(corrupt), "hung_clients": hung,
+        "server_cpu_s": round(sum(server_cpu) - sum(server_started), 2) if server_cpu and server_started else None,
         "per_op": {op: {"n": len(v), "p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99)}
                    for op, v in sorted(latencies.items())},
         "writer": writer_stats,
@@ -729,7 +737,7 @@ def run_benchmark(args) -> dict:
         if "weights" in args.phases:
             results["weights"] = run_focused(port, weights_targets(port, known), args, server.pid)
         if "mixed" in args.phases:
-            results["mixed"] = run_mixed(port, home, base, names, known, env, args, workdir)
+            results["mixed"] = run_mixed(port, home, base, names, known, env, args, workdir, server.pid)
     finally:
         stop(server)
     log_text = server_log.read_text(errors="replace") if server_log.exists() else ""
@@ -759,8 +767,8 @@ def summary(results: dict) -> list[str]:
         wr = x["writer"]
         lines.append(f"mixed    with a writer: {x['ops_per_s']} ops/s, p50 {x['p50_ms']} ms, p99 {x['p99_ms']} ms, "
                      f"{x['MB_per_s']} MB/s ({x['operations']} operations; errors {x['errors']}, corrupt "
-                     f"{x['corrupt_reads']}); writer added {wr.get('added')} versions, moved aliases "
-                     f"{wr.get('alias_moves')} times")
+                     f"{x['corrupt_reads']}; CPU s server {x['server_cpu_s']}); writer added {wr.get('added')} "
+                     f"versions, moved aliases {wr.get('alias_moves')} times")
     return lines
 
 

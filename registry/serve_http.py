@@ -262,15 +262,14 @@ def _httptools_protocol():
 def protocol_class(parser: str = "auto"):
     """The zero-copy protocol for ``parser`` ("auto": httptools if installed, else h11), or None
     when this uvicorn lacks the classes the subclasses extend (then run uvicorn's own)."""
+    import importlib.util
+
     try:
         if parser in ("auto", "httptools"):
-            try:
-                import httptools  # noqa: F401
-            except ImportError:
-                if parser == "httptools":
-                    return None
-            else:
+            if importlib.util.find_spec("httptools") is not None:
                 return _httptools_protocol()
+            if parser == "httptools":
+                return None
         return _h11_protocol()
     except (ImportError, AttributeError):
         return None

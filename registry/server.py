@@ -73,8 +73,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from registry.errors import IntegrityError, RegistryError
 from registry.refs import validate_alias, validate_name
 from registry.serve_cache import IndexFollower
-from registry.serve_reads import (ERROR_STATUS, FILES, AdapterFiles, FastReads, Reads, ReplyResponse,  # noqa: F401
+from registry.serve_reads import (ERROR_STATUS, FILES, AdapterFiles, FastReads, Reads, ReplyResponse,
                                   parse_range, tar_size)
+
+__all__ = ["create_app", "serve", "uvicorn_options", "ServerThread", "read_tar", "parse_range", "tar_size"]
 
 log = logging.getLogger("registry.server")
 

@@ -581,7 +581,7 @@ def test_an_alias_moved_elsewhere_is_seen_on_the_next_request(live, seeded, reg)
 
 def test_a_version_removed_elsewhere_stops_resolving(live, seeded, reg):
     v2 = seeded["v2"]
-    paths = [f"/v1/adapters/math@2", f"/v1/adapters/sha256:{v2.digest}", f"/v1/adapters/sha256:{v2.digest[:12]}",
+    paths = ["/v1/adapters/math@2", f"/v1/adapters/sha256:{v2.digest}", f"/v1/adapters/sha256:{v2.digest[:12]}",
              f"/v1/adapters/math@2/files/{WEIGHTS}", f"/v1/adapters/math@2/files/{CONFIG}",
              "/v1/adapters/math@2/archive", "/v1/adapters/math@2/prompts"]
     for path in paths:  # cached
@@ -824,19 +824,16 @@ def test_connection_close_and_http_1_0_get_whole_bodies(zero_copy_server, seeded
         assert head.startswith(b"HTTP/1.1 200") and check(body), head
 
 
-def test_a_client_that_goes_away_mid_sendfile_leaves_the_server_serving(reg, seeded, tmp_path):
+def test_a_client_that_goes_away_mid_sendfile_leaves_the_server_serving(reg, seeded, tmp_path, monkeypatch):
     """A 9 MB blob (more than a socket's send buffer takes, so sendfile has to wait) to readers
     that stop reading and hang up: their sends fail, their connections are dropped, and other
     clients (including one reading at the same time) are served intact."""
-    import socket
-    import threading
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from bench_serve_load import random_lora, write_base_config
+    import logging
 
     from registry.server import ServerThread, create_app
 
-    import logging
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_serve_load import random_lora, write_base_config
 
     state, config = random_lora(0, rank=40)  # 30 layers x (q, v): 9.2 MB of float32
     big = reg.add_weights("big", state, config, kind="imported", base=str(write_base_config(tmp_path / "base")))
