@@ -112,8 +112,13 @@ async def send_reply(scope, send, reply: Reply) -> None:
             await send({"type": ZEROCOPY, "file": reply.handle, "offset": reply.offset, "count": reply.count,
                         "more_body": bool(reply.suffix)})
         elif reply.count <= SMALL_BODY:  # one read, one send: much cheaper than streaming small files
-            read = (os.pread, reply.handle.fileno(), reply.count, reply.offset)
-            data = read[0](*read[1:]) if reply.count <= CHUNK else await run_in_threadpool(*read)
+            fd = reply.handle.fileno()
+            if reply.count <= CHUNK:
+                data = os.pread(fd, reply.count, reply.offset)
+            else:  # a read of megabytes: off the event loop
+                data = await run_in_threadpool(os.pread, fd, reply.count, reply.offset)
+            if len(data) != reply.count:
+                raise OSError("the blob ended early")
             await send({"type": "http.response.body", "body": data, "more_body": bool(reply.suffix)})
         else:
             position, end = reply.offset, reply.offset + reply.count
