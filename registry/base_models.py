@@ -20,9 +20,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +235,113 @@ def linear_module_shapes(config: Any) -> dict[str, tuple[int, int]]:
             if isinstance(module, torch.nn.Linear)
         }
     return dict(_SHAPES_CACHE[key])
+
+
+# --------------------------------------------------------------------------------------------
+# What storing an adapter needs, cached by the bytes of config.json
+# --------------------------------------------------------------------------------------------
+
+# Bump when the cached record's meaning changes; old files are then simply not read.
+_INFO_FORMAT = 1
+_INFO_DIR = "base-info"
+_INFO_MEMO: dict[tuple[str, str], "BaseInfo"] = {}
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What validating and recording an adapter needs from its base, without transformers.
+
+    ``shapes`` is ``linear_module_shapes``, ``fields`` is ``architecture_fields`` and ``fingerprint``
+    is ``base_fingerprint`` of the folder's config, exactly as transformers gives them.
+    """
+
+    directory: Path
+    config_sha256: str
+    fields: dict
+    fingerprint: str
+    shapes: dict
+
+
+def _transformers_version() -> str:
+    """The installed transformers version, read from its ``__init__.py`` without importing it."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or spec.origin is None:
+        return "none"
+    try:
+        with open(spec.origin, encoding="utf-8") as handle:
+            head = handle.read(8192)
+        match = re.search(r"^__version__\s*=\s*[\"']([^\"']+)[\"']", head, re.M)
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+def _info_key(config_bytes: bytes) -> tuple[str, str]:
+    config_sha = hashlib.sha256(config_bytes).hexdigest()
+    salt = f"{_INFO_FORMAT}:{_transformers_version()}:{config_sha}"
+    return config_sha, hashlib.sha256(salt.encode()).hexdigest()
+
+
+def _fingerprint_of_fields(fields: dict) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _read_info(path: Path, directory: Path, config_sha: str) -> BaseInfo | None:
+    """The cached record at ``path`` when it is whole and self-consistent, else None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != _INFO_FORMAT or data.get("config_sha256") != config_sha:
+            return None
+        fields = data["fields"]
+        if set(fields) != set(FINGERPRINT_FIELDS) or _fingerprint_of_fields(fields) != data["fingerprint"]:
+            return None
+        shapes = {str(name): (int(out), int(inp)) for name, (out, inp) in data["shapes"].items()}
+        if not shapes:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return BaseInfo(directory, config_sha, fields, data["fingerprint"], shapes)
+
+
+def base_info(name_or_path: str | os.PathLike | None = None) -> BaseInfo:
+    """Shapes, architecture fields and fingerprint of a base, cached by the sha256 of its config.json.
+
+    The first call for a config (and transformers version) builds them with transformers (the
+    config, then the model on the meta device: 1-4 s of imports in a fresh process) and writes
+    ``<models cache>/base-info/<key>.json`` atomically; later calls, in any process, read that file.
+    A changed config.json has another key, so it is never served stale.
+    """
+    directory = resolve_base_dir(name_or_path)
+    try:
+        config_bytes = (directory / "config.json").read_bytes()
+    except OSError as exc:
+        raise BaseModelError(f"cannot read the model config in {directory}: {exc.strerror or exc}") from exc
+    config_sha, key = _info_key(config_bytes)
+    memo = _INFO_MEMO.get((key, str(directory)))
+    if memo is not None:
+        return memo
+    path = models_cache_dir() / _INFO_DIR / f"{key}.json"
+    info = _read_info(path, directory, config_sha)
+    if info is None:
+        config = load_base_config(directory)
+        fields = architecture_fields(config)
+        info = BaseInfo(directory, config_sha, fields, _fingerprint_of_fields(fields), linear_module_shapes(config))
+        record = {"format": _INFO_FORMAT, "config_sha256": config_sha, "transformers": _transformers_version(),
+                  "fields": fields, "fingerprint": info.fingerprint,
+                  "shapes": {name: list(shape) for name, shape in info.shapes.items()}}
+        try:
+            from registry.blobs import atomic_write
+
+            atomic_write(path, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+        except OSError:
+            pass  # a read-only cache only costs the next process the transformers path again
+    _INFO_MEMO[(key, str(directory))] = info
+    return info
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,9 +46,9 @@ class BlobStore:
     def path(self, digest: str) -> Path:
         return self.root / "sha256" / digest[:2] / digest
 
-    def put(self, data: bytes) -> str:
-        """Store ``data`` (once) and return its digest."""
-        digest = sha256_bytes(data)
+    def put(self, data: bytes, digest: str | None = None) -> str:
+        """Store ``data`` (once) and return its digest; pass ``digest`` when the caller just hashed it."""
+        digest = digest or sha256_bytes(data)
         target = self.path(digest)
         if not target.exists():
             atomic_write(target, data)

@@ -283,9 +283,9 @@ class Registry:
         base_ref = base or peft_config.get("base_model_name_or_path")
         if not base_ref:
             raise InvalidAdapter("the adapter does not name its base model: pass --base")
-        base_config = base_models.load_base_config(base_ref)
+        base_facts = base_models.base_info(base_ref)  # cached by config.json's sha256: no transformers import
         base_id = base_models.base_model_id(base_ref)
-        peft_io.check_against_base(modules, base_models.linear_module_shapes(base_config), base_id)
+        peft_io.check_against_base(modules, base_facts.shapes, base_id)
         ranks = {m.rank for m in modules}
         declared_rank = int(peft_config.get("r", 0))
         if declared_rank not in ranks and not peft_config.get("rank_pattern"):
@@ -306,9 +306,9 @@ class Registry:
         config_sha, weights_sha = sha256_bytes(config_bytes), sha256_bytes(weights_bytes)
         parent_refs = [(self.resolve(ref), weight) for ref, weight in parents]
 
-        self.blobs.put(weights_bytes)
+        self.blobs.put(weights_bytes, digest=weights_sha)
         row = Adapter(
-            name=name, kind=kind, base_model=base_id, base_fingerprint=base_models.base_fingerprint(base_config),
+            name=name, kind=kind, base_model=base_id, base_fingerprint=base_facts.fingerprint,
             rank=max(ranks), alpha=float(config.get("lora_alpha", 0)), use_rslora=bool(config.get("use_rslora")),
             target_modules=sorted({m.module.rsplit(".", 1)[-1] for m in modules}),
             layout_fingerprint=peft_io.layout_fingerprint(modules), peft_config=config,
