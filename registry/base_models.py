@@ -16,6 +16,7 @@ ever fetched from a hub.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -262,6 +263,7 @@ class BaseInfo:
     shapes: dict
 
 
+@functools.lru_cache(maxsize=1)
 def _transformers_version() -> str:
     """The installed transformers version, read from its ``__init__.py`` without importing it."""
     spec = importlib.util.find_spec("transformers")
