@@ -16,13 +16,15 @@ with wall and CPU time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import emit_summary  # noqa: E402
 
 
 def default_layout(base: str | None, rank: int):
@@ -131,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label} ({row['parameters'] / 1e6:.1f} M params, threads={threads}): step fp32 "
               f"{row['fp32']['wall_s']:.3f} s (cpu {row['fp32']['cpu_s']:.3f}), bf16 {row['bf16']['wall_s']:.3f} s "
               f"(cpu {row['bf16']['cpu_s']:.3f}): x{row['speedup_wall']} wall, x{row['speedup_cpu']} cpu", flush=True)
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit_summary(summary, args.out)
     return 0
 
 

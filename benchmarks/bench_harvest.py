@@ -21,13 +21,15 @@ Prints one line per (task, mode) and a JSON summary.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import emit_summary  # noqa: E402
 
 MODES = {"before": ("fp32", "sdpa"), "fp32": ("fp32", "eager"), "bf16": ("bf16", "eager")}
 
@@ -143,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra += f"  same answers as fp32: {row['same_answer_as_fp32']:.1%}"
             print(f"{name:20s} {mode:7s} tok/s {row['train_tok_s']:8.1f}  s/step {row['sec_per_step']}  "
                   f"eval items/s {row['eval_items_s']:6.2f}{extra}", flush=True)
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit_summary(summary, args.out)
     return 0
 
 
