@@ -11,8 +11,9 @@ scores base and LoRA on the same test items. Rows (``--modes``):
 - ``fp32``: fp32 with the plain attention the project now uses on CPU;
 - ``bf16``: the bf16 policy (frozen base in bfloat16, bf16 autocast, fp32 LoRA master weights).
 
-Speed figures: training tokens/s (prompt + answer tokens, no padding), median seconds per step,
-evaluation items/s of the base model on ``--eval-items`` test items. Ratios are against ``before``.
+Speed figures: training tokens/s (prompt + answer tokens, no padding), median seconds per step
+(wall and CPU: the process runs one thread, so its CPU time is steadier than wall time on a shared
+machine), evaluation items/s (per wall and per CPU second) of the base model on ``--eval-items`` test items. Ratios are against ``before``.
 With ``--rounds N`` the modes run in turn N times and each keeps its best round (machine load
 then hits every mode alike; on a shared 2-core machine a single round can be off by 2x).
 Prints one line per (task, mode) and a JSON summary.
@@ -54,20 +55,25 @@ def run_mode(task, mode: str, args, threads: int) -> dict:
     row: dict = {"precision": precision, "attention": attention}
 
     model, tokenizer = load_model(args.base, args.device, precision, attention)
+    cpu0 = time.process_time()
     base_eval = evaluate(task, model, tokenizer, limit=args.limit if args.eval else args.eval_items,
                          device=args.device, threads=threads, precision=precision)
     row["eval_items_s"] = round(base_eval.n / base_eval.seconds, 2)
+    row["eval_items_cpu_s"] = round(base_eval.n / (time.process_time() - cpu0), 2)  # per CPU second
     if args.eval:
         row["base_acc"] = base_eval.accuracy
 
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []  # (wall, CPU) after each step
     t0 = time.perf_counter()
     result = harvest(task, model=model, tokenizer=tokenizer, config=config, device=args.device, threads=threads,
-                     precision=precision, on_step=lambda step, loss: stamps.append(time.perf_counter()))
-    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+                     precision=precision,
+                     on_step=lambda step, loss: stamps.append((time.perf_counter(), time.process_time())))
+    steps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    cpu_steps = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
     row.update({
         "wall_s": round(time.perf_counter() - t0, 1),
         "sec_per_step": round(statistics.median(steps), 3) if steps else None,
+        "cpu_sec_per_step": round(statistics.median(cpu_steps), 3) if cpu_steps else None,
         "train_tok_s": round(result.tokens_per_second, 1),
         "final_loss": round(sum(result.losses[-10:]) / len(result.losses[-10:]), 4),
     })
@@ -127,11 +133,15 @@ def main(argv: list[str] | None = None) -> int:
                     best = rows[mode]
                     best["train_tok_s"] = max(best["train_tok_s"], row["train_tok_s"])
                     best["eval_items_s"] = max(best["eval_items_s"], row["eval_items_s"])
-                    best["sec_per_step"] = min(best["sec_per_step"], row["sec_per_step"])
+                    for key in ("sec_per_step", "cpu_sec_per_step"):
+                        best[key] = min(best[key], row[key])
+                    best["eval_items_cpu_s"] = max(best["eval_items_cpu_s"], row["eval_items_cpu_s"])
         if "before" in rows:
             for mode, row in rows.items():
                 row["train_tok_s_x"] = round(row["train_tok_s"] / rows["before"]["train_tok_s"], 2)
                 row["eval_items_s_x"] = round(row["eval_items_s"] / rows["before"]["eval_items_s"], 2)
+                row["cpu_step_x"] = round(rows["before"]["cpu_sec_per_step"] / row["cpu_sec_per_step"], 2)
+                row["eval_cpu_x"] = round(row["eval_items_cpu_s"] / rows["before"]["eval_items_cpu_s"], 2)
         if args.eval and "fp32" in rows and "bf16" in rows:
             a, b = rows["fp32"]["lora_answers"], rows["bf16"]["lora_answers"]
             rows["bf16"]["same_answer_as_fp32"] = round(sum(x == y for x, y in zip(a, b)) / max(1, len(a)), 3)
@@ -140,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         summary[name] = rows
         for mode, row in rows.items():
             extra = "" if "train_tok_s_x" not in row else \
-                f"  train x{row['train_tok_s_x']}  eval x{row['eval_items_s_x']}"
+                (f"  train x{row['train_tok_s_x']} (CPU time x{row['cpu_step_x']})  eval x{row['eval_items_s_x']} "
+                 f"(CPU time x{row['eval_cpu_x']})")
             if "same_answer_as_fp32" in row:
                 extra += f"  same answers as fp32: {row['same_answer_as_fp32']:.1%}"
             print(f"{name:20s} {mode:7s} tok/s {row['train_tok_s']:8.1f}  s/step {row['sec_per_step']}  "
