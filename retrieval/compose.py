@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
-from peft.utils.merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
 
 from registry.errors import RegistryError
 
@@ -147,7 +146,39 @@ def load_adapter_dir(directory: str | os.PathLike, name: str | None = None) -> L
 
 
 def peft_config_dict(adapter: LoraAdapter, task_type: str | None = "CAUSAL_LM") -> dict:
-    """The ``adapter_config.json`` content PEFT needs to load ``adapter``."""
+    """The ``adapter_config.json`` content PEFT needs to load ``adapter``.
+
+    ``LoraConfig(...).to_dict()`` depends only on its arguments and the installed peft, so it is
+    cached in the model cache by both (importing peft costs ~4 s of transformers imports in a fresh
+    process); a damaged or foreign record is ignored and rewritten.
+    """
+    import hashlib
+    import importlib.metadata
+
+    from registry.base_models import models_cache_dir
+    from registry.blobs import atomic_write
+
+    arguments = dict(r=adapter.rank, lora_alpha=adapter.alpha, use_rslora=adapter.use_rslora,
+                     target_modules=sorted(adapter.target_modules), task_type=adapter.extra_config.get("task_type") or task_type,
+                     base_model_name_or_path=adapter.base_model)
+    key_text = json.dumps({"peft": importlib.metadata.version("peft"), "format": 1, "arguments": arguments},
+                          sort_keys=True, default=str)
+    path = models_cache_dir() / "peft-config" / f"{hashlib.sha256(key_text.encode()).hexdigest()}.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("key") == key_text and isinstance(record.get("config"), dict):
+            return record["config"]
+    except (OSError, ValueError):
+        pass
+    config = _peft_config_dict(adapter, task_type)
+    try:
+        atomic_write(path, json.dumps({"key": key_text, "config": config}, sort_keys=True).encode())
+    except (OSError, TypeError):
+        pass
+    return config
+
+
+def _peft_config_dict(adapter: LoraAdapter, task_type: str | None) -> dict:
     from peft import LoraConfig
 
     config = LoraConfig(
@@ -281,10 +312,20 @@ def fusion_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], weights
     return lora_a, lora_b
 
 
+def _merge_functions() -> tuple:
+    """PEFT's merge functions, imported on first use: importing peft costs ~4 s of transformers
+    imports in a fresh process, and only the ``linear``/``ties``/``dare``/``magnitude_prune`` strategies
+    need it (selection, mixture and fusion do not)."""
+    from peft.utils.merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
+
+    return task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune
+
+
 def factor_merge(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], coefficients: Sequence[float],
                  method: str, density: float | None = None, majority_sign_method: str = "total"
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's linear/ties/dare/magnitude_prune on A's and B's separately, with ``sqrt(|c|)`` on each side."""
+    task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune = _merge_functions()
     # split each coefficient c = w s over both factors; the sign goes on A only
     weights_a = torch.tensor([math.copysign(math.sqrt(abs(c)), c) for c in coefficients])
     weights_b = torch.tensor([math.sqrt(abs(c)) for c in coefficients])
@@ -308,6 +349,7 @@ def factor_merge(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], coefficie
 def delta_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: str, density: float | None = None,
                 majority_sign_method: str = "total") -> torch.Tensor:
     """Merge full ΔW's (out, in) as PEFT's ``*svd`` strategies do before the SVD."""
+    task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune = _merge_functions()
     weights = torch.tensor(list(weights), dtype=deltas[0].dtype)
     if method == "svd":
         return task_arithmetic(list(deltas), weights)
