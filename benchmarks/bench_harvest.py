@@ -6,10 +6,12 @@
 Each row trains the same LoRA recipe from the same seed on the same batches and (with ``--eval``)
 scores base and LoRA on the same test items. Rows (``--modes``):
 
-- ``before``: fp32 with torch's SDPA attention: what the project ran before the precision policy
-  (the baseline of the performance issue);
-- ``fp32``: fp32 with the plain attention the project now uses on CPU;
-- ``bf16``: the bf16 policy (frozen base in bfloat16, bf16 autocast, fp32 LoRA master weights).
+- ``before``: fp32, training with torch's SDPA attention: what the project ran before the precision
+  policy (the baseline of the performance issue);
+- ``fp32``: fp32, training with the plain attention the project's CPU harvest now uses;
+- ``bf16``: the bf16 policy (frozen base in bfloat16, bf16 autocast, fp32 LoRA master weights),
+  plain attention for training; ``bf16-sdpa``: the same with SDPA for training.
+Evaluation always runs with SDPA (the project's choice for decoding), in the mode's precision.
 
 Speed figures: training tokens/s (prompt + answer tokens, no padding), median seconds per step
 (wall and CPU: the process runs one thread, so its CPU time is steadier than wall time on a shared
@@ -32,17 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import emit_summary  # noqa: E402
 
-MODES = {"before": ("fp32", "sdpa"), "fp32": ("fp32", "eager"), "bf16": ("bf16", "eager")}
+MODES = {"before": ("fp32", "sdpa"), "fp32": ("fp32", "eager"), "bf16": ("bf16", "eager"),
+         "bf16-sdpa": ("bf16", "sdpa")}  # the last: what bf16 would give with torch's SDPA attention
 
 
-def load_model(base, device, precision: str, attention: str):
-    """A fresh (uncached) base model stored for ``precision`` with the given attention kernel."""
+def load_model(base, device, precision: str):
+    """A fresh (uncached) base model stored for ``precision`` (evaluation's attention: SDPA)."""
     from registry import base_models
     from registry.precision import frozen_dtype
 
-    model, tokenizer = base_models.load_base(base, device=device, dtype=frozen_dtype(precision), cached=False)
-    model.set_attn_implementation(attention)
-    return model, tokenizer
+    return base_models.load_base(base, device=device, dtype=frozen_dtype(precision), cached=False)
 
 
 def run_mode(task, mode: str, args, threads: int) -> dict:
@@ -54,7 +55,7 @@ def run_mode(task, mode: str, args, threads: int) -> dict:
                            n_checkpoints=min(HarvestConfig.n_checkpoints, args.steps))
     row: dict = {"precision": precision, "attention": attention}
 
-    model, tokenizer = load_model(args.base, args.device, precision, attention)
+    model, tokenizer = load_model(args.base, args.device, precision)
     cpu0 = time.process_time()
     base_eval = evaluate(task, model, tokenizer, limit=args.limit if args.eval else args.eval_items,
                          device=args.device, threads=threads, precision=precision)
@@ -66,7 +67,7 @@ def run_mode(task, mode: str, args, threads: int) -> dict:
     stamps: list[tuple[float, float]] = []  # (wall, CPU) after each step
     t0 = time.perf_counter()
     result = harvest(task, model=model, tokenizer=tokenizer, config=config, device=args.device, threads=threads,
-                     precision=precision,
+                     precision=precision, attention=attention,
                      on_step=lambda step, loss: stamps.append((time.perf_counter(), time.process_time())))
     steps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
     cpu_steps = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
@@ -78,7 +79,7 @@ def run_mode(task, mode: str, args, threads: int) -> dict:
         "final_loss": round(sum(result.losses[-10:]) / len(result.losses[-10:]), 4),
     })
     if args.eval:
-        lora_model, lora_tokenizer = load_model(args.base, args.device, precision, attention)
+        lora_model, lora_tokenizer = load_model(args.base, args.device, precision)
         lora_eval = evaluate(task, lora_model, lora_tokenizer, adapter=result.state_dict, lora=config,
                              limit=args.limit, device=args.device, threads=threads, precision=precision)
         row["lora_acc"] = lora_eval.accuracy

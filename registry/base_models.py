@@ -371,10 +371,6 @@ def load_base(
     The tokenizer gets a pad token (EOS) when it has none. ``dtype`` is the storage dtype of the
     (frozen) weights: ``registry.precision.frozen_dtype`` gives the policy's choice.
 
-    Attention: on CPU the plain ("eager") attention is used, not torch's SDPA kernel. Measured on
-    this project's CPU with SmolLM2 (one thread, batches of 8-16 short chat prompts with padding):
-    greedy evaluation 4.1 items/s eager vs 1.9 with SDPA in fp32 and 7.4 vs 1.5 in bf16; a harvest
-    step 1.33 vs 1.59 s in fp32 (same losses to 3 decimals). SDPA stays the choice on CUDA.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -390,9 +386,7 @@ def load_base(
         return _LOADED[key]
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        attention = "eager" if str(device).startswith("cpu") else None
-        model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype,
-                                                     **({"attn_implementation": attention} if attention else {}))
+        model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype)
     except BaseModelError:
         raise
     except Exception as exc:  # noqa: BLE001
