@@ -32,6 +32,7 @@ from generator.service import (CVAE_ARTIFACT_TYPE, DEFAULT_LR, DEFAULT_SAVE_EVER
                                load_generator_artifact, resolve_any_generator, resolve_precision, run_chunked_training,
                                training_meta)
 from registry.errors import RegistryError
+from registry.precision import identity as precision_identity
 
 # The artifact's format, code version and tensor-name prefixes (its type, ``CVAE_ARTIFACT_TYPE``, is
 # ``generator.service``'s, which dispatches on it).
@@ -190,7 +191,7 @@ def train_cvae_from_registry(
     fingerprint = _sha256_json({"arch": "cvae", "adapters": [[a["ref"], a["digest"]] for a in data.adapters],
                                 "prompts": data.prompts, "config": cvae_config.to_dict(), "base": base_identity,
                                 "condition": condition, "training": settings, "name": name,
-                                **({"precision": precision} if precision != "fp32" else {}),
+                                **precision_identity(precision),
                                 "code": CVAE_SERVICE_VERSION})
     work = _WorkDir(reg.home / "work" / "generators" / fingerprint[:24])
     with work.locked():

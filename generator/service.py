@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 from registry.errors import NotFound, RegistryError
+from registry.precision import identity as precision_identity
 
 ARTIFACT_TYPE = "generator-dnd"
 ARTIFACT_FORMAT = "dnd-generator-artifact/1"
@@ -493,7 +494,7 @@ def train_generator_from_registry(
     fingerprint = _sha256_json({"adapters": [[a["ref"], a["digest"]] for a in data.adapters],
                                 "prompts": data.prompts, "config": decoder_config.to_dict(),
                                 "encoder": reg.encoder_id, "training": settings, "name": name,
-                                **({"precision": precision} if precision != "fp32" else {}),
+                                **precision_identity(precision),
                                 "code": SERVICE_VERSION})
     work = _WorkDir(reg.home / "work" / "generators" / fingerprint[:24])
     with work.locked():

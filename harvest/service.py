@@ -74,11 +74,11 @@ def task_prompt_sample(spec: str, n: int = 32, seed: int = 0) -> tuple[str, list
 def harvest_id(task: Task, config: HarvestConfig, base_id: str, precision: str = "fp32") -> str:
     """The harvest's identity: task data, settings, base, and the precision when it is not fp32 (so
     the ids of fp32 harvests made before the precision policy existed are unchanged)."""
+    from registry.precision import identity
+
     digest = hashlib.sha256()
-    identity = {"task": task.name, "config": config.to_dict(), "base": base_id}
-    if precision != "fp32":
-        identity["precision"] = precision
-    digest.update(json.dumps(identity, sort_keys=True).encode())
+    digest.update(json.dumps({"task": task.name, "config": config.to_dict(), "base": base_id, **identity(precision)},
+                             sort_keys=True).encode())
     for example in task.split("train"):
         digest.update(example.prompt.encode())
         digest.update(b"\0")

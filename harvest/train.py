@@ -332,10 +332,9 @@ def _fingerprint(config: HarvestConfig, base_id: str, examples: list[Example], p
     digest = hashlib.sha256()
     settings = config.to_dict()
     settings.pop("save_every", None)  # how often state is saved does not change the result
-    identity = {"config": settings, "base": base_id}
-    if precision != "fp32":  # fp32 fingerprints stay those of the runs made before the policy existed
-        identity["precision"] = precision
-    digest.update(json.dumps(identity, sort_keys=True).encode())
+    from registry.precision import identity
+
+    digest.update(json.dumps({"config": settings, "base": base_id, **identity(precision)}, sort_keys=True).encode())
     for example in examples:
         digest.update(json.dumps([example.prompt, example.answer]).encode())
     return digest.hexdigest()
@@ -530,13 +529,13 @@ def harvest(
         if cached_epoch[0] != epoch:
             cached_epoch = (epoch, epoch_batches(lengths, config.batch_size, config.seed, epoch))
         batch = [encoded[i] for i in cached_epoch[1][index]]
-        input_ids, attention, labels = (t.to(device) for t in collate(batch, pad_id))
-        tokens += int(attention.sum())
+        input_ids, attention_mask, labels = (t.to(device) for t in collate(batch, pad_id))
+        tokens += int(attention_mask.sum())
 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
         with precisions.autocast(precision, device):
-            loss = loss_of(input_ids, attention, labels)
+            loss = loss_of(input_ids, attention_mask, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:

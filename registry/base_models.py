@@ -208,8 +208,7 @@ def base_fingerprint(config: Any) -> str:
     """sha256 over the canonical JSON of the architecture fields; equal for the GGUF and HF copies."""
     if isinstance(config, (str, os.PathLike)) or config is None:
         config = load_base_config(config)
-    canonical = json.dumps(architecture_fields(config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return _fingerprint_of_fields(architecture_fields(config))
 
 
 _SHAPES_CACHE: dict[str, dict[str, tuple[int, int]]] = {}
@@ -370,7 +369,6 @@ def load_base(
     Callers that modify the model (PEFT injection during training) must pass ``cached=False``.
     The tokenizer gets a pad token (EOS) when it has none. ``dtype`` is the storage dtype of the
     (frozen) weights: ``registry.precision.frozen_dtype`` gives the policy's choice.
-
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

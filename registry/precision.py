@@ -68,6 +68,12 @@ def frozen_dtype(precision: str):
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def identity(precision: str) -> dict:
+    """What a resolved precision adds to the identity hash of a run (harvest id, resume and generator
+    fingerprints): nothing for fp32, so the ids of runs made before this policy existed stay valid."""
+    return {} if precision == "fp32" else {"precision": precision}
+
+
 @contextlib.contextmanager
 def autocast(precision: str, device: Any = "cpu") -> Iterator[None]:
     """``torch.autocast`` to bfloat16 for ``bf16``; a no-op context for ``fp32``."""
