@@ -18,9 +18,12 @@ start_postgres() {
   port=$(pg_lsclusters --no-header | awk 'NR==1{print $3}')
   su postgres -c "psql -p $port -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='registry'\"" | grep -q 1 \
     || su postgres -c "psql -p $port -qc \"CREATE ROLE registry LOGIN PASSWORD 'registry' SUPERUSER\"" >/dev/null
-  su postgres -c "psql -p $port -qtAc \"SELECT 1 FROM pg_database WHERE datname='registry_test'\"" | grep -q 1 \
-    || su postgres -c "createdb -p $port -O registry registry_test"
-  export REGISTRY_TEST_POSTGRES_URL="postgresql+psycopg://registry:registry@127.0.0.1:$port/registry_test"
+  # One database per run, so two test runs on one machine never empty each other's tables.
+  TEST_DB="registry_test_$$"
+  PG_PORT="$port"
+  su postgres -c "createdb -p $port -O registry $TEST_DB" || return 1
+  trap 'su postgres -c "dropdb -p $PG_PORT --if-exists $TEST_DB" >/dev/null 2>&1' EXIT
+  export REGISTRY_TEST_POSTGRES_URL="postgresql+psycopg://registry:registry@127.0.0.1:$port/$TEST_DB"
 }
 
 if start_postgres; then
