@@ -411,6 +411,9 @@ def create_app(registry=None, *, home: str | os.PathLike | None = None, token: s
             result = function(registry, body.prompts, k=body.k, strategy=body.strategy, name=body.name, **extra)
         return created(_result_dict(result))
 
+    from registry.web import mount_pages  # the browser pages at / (registry/web/), read-only
+    mount_pages(app, registry, reads=reads, follower=follower, model_lock=model_lock, protect_reads=protect_reads,
+                token=token)
     return app
 
 

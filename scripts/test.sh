@@ -26,6 +26,20 @@ start_postgres() {
   export REGISTRY_TEST_POSTGRES_URL="postgresql+psycopg://registry:registry@127.0.0.1:$port/$TEST_DB"
 }
 
+# The browser tests (tests/test_web.py) drive Debian's chromium through its chromedriver.
+install_chromium() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    return 0
+  fi
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+    || return 1
+  command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1
+}
+
+if ! install_chromium; then
+  echo "warning: could not install chromium + chromium-driver; the browser tests will fail under CI, skip otherwise" >&2
+fi
+
 if start_postgres; then
   echo "PostgreSQL ready: $REGISTRY_TEST_POSTGRES_URL"
 else
