@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import threading
 import time
@@ -50,6 +49,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from registry.errors import NotFound, RegistryError
 from registry.precision import identity as precision_identity
+from registry.prompts import prompts_sha256
 
 ARTIFACT_TYPE = "generator-dnd"
 ARTIFACT_FORMAT = "dnd-generator-artifact/1"
@@ -303,9 +303,9 @@ class _WorkDir:
         return latest if latest and latest.get("artifact") else None
 
     def _write_latest(self, record: dict) -> None:
-        tmp = self.root / "LATEST.tmp"
-        tmp.write_text(json.dumps(record), encoding="utf-8")
-        os.replace(tmp, self.root / "LATEST")
+        from registry.atomic import atomic_write_json
+
+        atomic_write_json(self.root / "LATEST", record)
 
 
 def _split_config(config: Mapping) -> tuple[dict, dict]:
@@ -756,11 +756,6 @@ def _clean_prompts(prompts: Sequence[str]) -> list[str]:
     if len(cleaned) != len(list(prompts)) or any(not p for p in cleaned):
         raise GeneratorError("prompts must be non-empty strings")
     return cleaned
-
-
-def prompts_sha256(prompts: Sequence[str]) -> str:
-    """The digest recorded in a generated adapter's recipe: sha256 of the prompts joined by newlines."""
-    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
 
 
 def _check_base(loaded_meta: Mapping, generator_ref: str, base_model: str | None) -> None:

@@ -53,10 +53,9 @@ def render_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> list
     prompts = list(prompts)
     if not prompts:
         raise ValueError("a task vector needs at least one prompt")
-    if chat and getattr(tokenizer, "chat_template", None):
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                              add_generation_prompt=True) for p in prompts]
-    return [p + "\n" for p in prompts]
+    from registry.chat import render_prompts as render
+
+    return render(tokenizer, prompts, chat)
 
 
 def _model_device(model) -> torch.device:
@@ -89,7 +88,9 @@ def prompt_states(model, tokenizer, prompts: Sequence[str], batch_size: int = 16
         raise ValueError("batch_size must be >= 1")
     texts = render_prompts(tokenizer, prompts, chat)
     device = torch.device(device) if device is not None else _model_device(model)
-    chat_rendered = chat and bool(getattr(tokenizer, "chat_template", None))
+    from registry.chat import uses_chat
+
+    chat_rendered = chat and uses_chat(tokenizer)
     saved = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     was_training = model.training
@@ -190,13 +191,9 @@ class TaskVectorCache(MutableMapping):
         return load_file(str(path))["task_vector"]
 
     def __setitem__(self, key: str, value: Tensor) -> None:
-        from safetensors.torch import save_file
+        from registry.atomic import atomic_save_tensors
 
-        path = self._path(key)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"task_vector": value.detach().float().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        atomic_save_tensors(self._path(key), {"task_vector": value.float()})
 
     def __delitem__(self, key: str) -> None:
         path = self._path(key)

@@ -23,8 +23,9 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from registry.peft_io import parse_lora_key
+
 LAYOUT_FORMAT = "dnd-lora-tokens/1"
-LORA_A_PATTERN = re.compile(r"^(?P<prefix>.+)\.lora_A(?P<adapter>\.[^.]+)?\.weight$")
 DEFAULT_MAX_CHUNK_WIDTH = 256
 FALLBACK_CHUNK_WIDTH = 64
 
@@ -136,14 +137,13 @@ def lora_module_pairs(state_dict: Mapping[str, Tensor]) -> list[tuple[str, str, 
     """
     pairs, used = [], set()
     for key in state_dict:
-        match = LORA_A_PATTERN.match(key)
-        if match is None:
+        parsed = parse_lora_key(key)
+        if parsed is None or parsed.part != "A":
             continue
-        adapter = match.group("adapter") or ""
-        b_key = f"{match.group('prefix')}.lora_B{adapter}.weight"
+        b_key = parsed.key("B")
         if b_key not in state_dict:
             raise ValueError(f"{key} has no matching {b_key}")
-        pairs.append((match.group("prefix"), key, b_key))
+        pairs.append((parsed.module, key, b_key))
         used.update((key, b_key))
     unsupported = sorted(set(state_dict) - used)
     if unsupported:

@@ -11,15 +11,15 @@ with the returned state and a larger ``steps`` continues exactly where it stoppe
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from registry.atomic import atomic_save_tensors, atomic_write
 from registry.precision import resolve as resolve_precision
 
 from .condition import encode_prompt_tokens
@@ -239,18 +239,6 @@ def run_steps(model, optimizer, state, steps: int, rng, batch_loss, grad_clip: f
 # saving and loading without pickle
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def save_training_state(directory: str | Path, state: TrainState, model: DnDDecoder | None = None) -> Path:
     """Write ``training_state.json`` + ``training_state.safetensors`` (+ ``model.safetensors``)."""
     directory = Path(directory)
@@ -266,14 +254,14 @@ def save_training_state(directory: str | Path, state: TrainState, model: DnDDeco
         groups = state.optimizer["param_groups"]
     if state.rng is not None:
         tensors["rng"] = state.rng
-    _atomic_save_tensors(directory / "training_state.safetensors", tensors)
+    atomic_save_tensors(directory / "training_state.safetensors", tensors)
     if model is not None:
-        _atomic_save_tensors(directory / "model.safetensors", model.state_dict())
+        atomic_save_tensors(directory / "model.safetensors", model.state_dict())
     meta = {"format": TRAINING_STATE_FORMAT, "step": state.step, "seed": state.seed,
             "has_optimizer": state.optimizer is not None, "param_groups": groups,
             "optimizer_scalars": scalars, "losses": state.losses,
             "model_config": None if model is None else model.config.to_dict()}
-    _atomic_write_text(directory / "training_state.json", json.dumps(meta))
+    atomic_write(directory / "training_state.json", json.dumps(meta))
     return directory
 
 
@@ -306,10 +294,10 @@ def save_generator(directory: str | Path, model: DnDDecoder, layout: LoraLayout,
     check_layout(model, layout)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_save_tensors(directory / "generator.safetensors", model.state_dict())
-    _atomic_save_tensors(directory / "normalizer.safetensors", normalizer.state_dict())
-    _atomic_write_text(directory / "layout.json", layout.to_json())
-    _atomic_write_text(directory / "generator.json", json.dumps(
+    atomic_save_tensors(directory / "generator.safetensors", model.state_dict())
+    atomic_save_tensors(directory / "normalizer.safetensors", normalizer.state_dict())
+    atomic_write(directory / "layout.json", layout.to_json())
+    atomic_write(directory / "generator.json", json.dumps(
         {"format": GENERATOR_FORMAT, "config": model.config.to_dict()}))
     return directory
 

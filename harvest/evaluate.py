@@ -62,10 +62,13 @@ def default_max_new_tokens(tokenizer, examples: list[Example], margin: int = 16,
 
 def _infer_lora(state_dict: dict) -> tuple[int, list[str]]:
     ranks, targets = set(), set()
+    from registry.peft_io import parse_lora_key
+
     for key, tensor in state_dict.items():
-        if ".lora_A." in key:
+        parsed = parse_lora_key(key)
+        if parsed is not None and parsed.part == "A":
             ranks.add(int(tensor.shape[0]))
-            targets.add(key.split(".lora_A.")[0].rsplit(".", 1)[-1])
+            targets.add(parsed.module.rsplit(".", 1)[-1])
     if not ranks:
         raise HarvestError("the adapter state dict has no lora_A weights")
     if len(ranks) > 1:

@@ -211,11 +211,11 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
 
 
 def render_prompt(tokenizer, prompt: str) -> str:
-    """The generation prompt text for ``prompt`` (chat template with the assistant turn opened)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return prompt + "\n"
+    """The generation prompt text for ``prompt`` (``registry.chat.render_prompt``: the chat template
+    with the assistant turn opened), the same text evaluation, routing and task vectors use."""
+    from registry.chat import render_prompt as render
+
+    return render(tokenizer, prompt)
 
 
 def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[int], int]:
@@ -224,13 +224,13 @@ def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> tupl
     The answer part is what the template puts after the generation prompt (answer + end-of-turn),
     minus trailing whitespace; the prompt is cut from the left if the whole is too long.
     """
+    from registry.chat import render_example
+
     prompt_text = render_prompt(tokenizer, prompt)
     answer_text = None
-    if getattr(tokenizer, "chat_template", None):
-        full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=False)
-        if full.startswith(prompt_text):
-            answer_text = full[len(prompt_text):].rstrip()
+    full = render_example(tokenizer, prompt, answer)
+    if full is not None and full.startswith(prompt_text):
+        answer_text = full[len(prompt_text):].rstrip()
     if answer_text is None:
         answer_text = answer + (tokenizer.eos_token or "")
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
@@ -290,14 +290,9 @@ def peft_config_dict(config: HarvestConfig, base_model_id: str) -> dict:
 
 def save_adapter(out_dir: str | os.PathLike, state_dict: dict, config: HarvestConfig, base_model_id: str) -> Path:
     """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    from safetensors.torch import save_file
+    from registry.peft_io import write_adapter_dir
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adapter_config.json").write_text(json.dumps(peft_config_dict(config, base_model_id), indent=2) + "\n")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
-              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return out
+    return write_adapter_dir(out_dir, state_dict, peft_config_dict(config, base_model_id))
 
 
 def _loss_fn(peft_model):
@@ -353,7 +348,6 @@ def _lora_state(peft_model) -> dict:
 
 def _save_state(work_dir: Path, named_params, optimizer, meta: dict) -> None:
     import torch
-    from safetensors.torch import save_file
 
     tensors = {}
     for name, param in named_params:
@@ -367,14 +361,11 @@ def _save_state(work_dir: Path, named_params, optimizer, meta: dict) -> None:
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    tmp_tensors = work_dir / (_STATE_TENSORS + ".tmp")
-    tmp_json = work_dir / (_STATE_JSON + ".tmp")
-    save_file(tensors, str(tmp_tensors))
-    tmp_json.write_text(json.dumps(meta, indent=1))
+    from registry.atomic import atomic_save_tensors, atomic_write_json
+
     # tensors first, JSON last: the JSON names the step the tensors belong to
-    os.replace(tmp_tensors, work_dir / _STATE_TENSORS)
-    os.replace(tmp_json, work_dir / _STATE_JSON)
+    atomic_save_tensors(work_dir / _STATE_TENSORS, tensors)
+    atomic_write_json(work_dir / _STATE_JSON, meta, indent=1)
 
 
 def _load_state(work_dir: Path) -> tuple[dict, dict] | None:

@@ -336,7 +336,7 @@ def base_info(name_or_path: str | os.PathLike | None = None) -> BaseInfo:
                   "fields": fields, "fingerprint": info.fingerprint,
                   "shapes": {name: list(shape) for name, shape in info.shapes.items()}}
         try:
-            from registry.blobs import atomic_write
+            from registry.atomic import atomic_write
 
             atomic_write(path, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
         except OSError:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
+
+from registry.atomic import TEMP_PREFIX, atomic_write
 
 CHUNK = 1 << 20
 
@@ -20,21 +20,6 @@ def sha256_file(path: Path) -> str:
         while block := handle.read(CHUNK):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class BlobStore:
@@ -61,7 +46,7 @@ class BlobStore:
         base = self.root / "sha256"
         if not base.exists():
             return set()
-        return {p.name for p in base.glob("??/*") if not p.name.startswith(".tmp-")}
+        return {p.name for p in base.glob("??/*") if not p.name.startswith(TEMP_PREFIX)}
 
     def delete(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)

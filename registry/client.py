@@ -36,7 +36,7 @@ from http.client import HTTPException
 from pathlib import Path
 from urllib.parse import quote
 
-from registry.blobs import atomic_write
+from registry.atomic import atomic_write, fsync_dir, swap_directory
 from registry.errors import IntegrityError, NotFound, RegistryError
 from registry.refs import parse_ref, validate_name
 
@@ -151,7 +151,7 @@ def sync_vllm(base_url: str, refs: list[str], directory: str | os.PathLike,
                     shutil.copyfile(item.path / name, staging / name)
                 (staging / RECORD_FILE).write_text(json.dumps({"ref": item.ref, "digest": item.digest,
                                                                 "server": base_url.rstrip("/")}))
-                _swap_in(staging, target)
+                swap_directory(staging, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -260,8 +260,8 @@ def _download(http: _Http, cache: Path, expected: dict) -> dict:
         record = {key: expected[key] for key in ("ref", "name", "version", "digest", "config_sha256",
                                                  "weights_sha256", "size_bytes", "base_model")}
         record["server"] = http.base_url
-        _write_file(staging / RECORD_FILE, json.dumps(record, indent=2).encode())
-        _fsync_dir(staging)
+        atomic_write(staging / RECORD_FILE, json.dumps(record, indent=2).encode())
+        fsync_dir(staging)
         target = adapters / digest
         try:
             os.rename(staging, target)
@@ -363,36 +363,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Replace ``target`` with ``staging`` (old folder moved aside, new one renamed in, old removed)."""
-    if target.exists():
-        old = target.parent / f".old-{target.name}-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
 
 
 __all__ = ["fetch", "fetch_adapter", "sync_vllm", "Fetched", "ServerError", "default_cache_dir"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from registry.blobs import atomic_write
+from registry.atomic import atomic_write
 
 HNSW_THRESHOLD = 20_000
 HNSW_NEIGHBOURS = 32

@@ -13,7 +13,7 @@ from registry.errors import InvalidAdapter
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[A-Za-z0-9_]+)?\.weight$")
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[A-Za-z0-9_]+))?\.weight$")
 PEFT_PREFIX = "base_model.model."
 
 
@@ -25,6 +25,26 @@ class LoraModule:
     rank: int
     in_features: int
     out_features: int
+
+
+@dataclass(frozen=True)
+class LoraKey:
+    """A parsed LoRA weight name: ``<module>.lora_<part>[.<adapter>].weight``."""
+
+    module: str          # e.g. base_model.model.model.layers.0.self_attn.q_proj (prefix kept)
+    part: str            # "A" or "B"
+    adapter: str | None  # the PEFT adapter name some saves leave in the key ("default"), else None
+
+    def key(self, part: str | None = None, adapter: bool = True) -> str:
+        """The weight name back, for ``part`` (default: this one), with or without the adapter name."""
+        middle = f".{self.adapter}" if adapter and self.adapter else ""
+        return f"{self.module}.lora_{part or self.part}{middle}.weight"
+
+
+def parse_lora_key(key: str) -> LoraKey | None:
+    """The one parser of LoRA weight names (registry, generator, retrieval, harvest); None if not one."""
+    match = LORA_KEY.match(key)
+    return LoraKey(match["module"], match["part"], match["adapter"]) if match else None
 
 
 def canonical_json(obj) -> bytes:
@@ -72,25 +92,42 @@ def read_adapter_weights(directory: Path) -> dict:
         raise InvalidAdapter(f"{weights} is not a readable safetensors file: {first_line}") from None
 
 
+def read_adapter_dir(directory: str | Path) -> tuple[dict, dict]:
+    """A PEFT LoRA directory, validated: (adapter_config dict, state dict). The one reader of the
+    layout (``Registry.add_directory``, ``retrieval.compose.load_adapter_dir``)."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    return config, read_adapter_weights(directory)
+
+
+def write_adapter_dir(directory: str | Path, state_dict: dict, config: dict) -> Path:
+    """Write a PEFT directory ``PeftModel.from_pretrained`` loads: the config as sorted, indented JSON,
+    the weights as safetensors (contiguous CPU tensors, ``format: pt``); each file written atomically."""
+    from registry.atomic import atomic_save_tensors, atomic_write_json
+
+    directory = Path(directory)
+    atomic_write_json(directory / CONFIG_FILE, config, indent=2, sort_keys=True)
+    atomic_save_tensors(directory / WEIGHTS_FILE, state_dict, metadata={"format": "pt"})
+    return directory
+
+
 def normalize_key(key: str) -> str:
     """Drop an adapter name PEFT may leave in a key (``lora_A.default.weight`` -> ``lora_A.weight``)."""
-    match = LORA_KEY.match(key)
-    if not match:
-        return key
-    return f"{match['module']}.lora_{match['part']}.weight"
+    parsed = parse_lora_key(key)
+    return key if parsed is None else parsed.key(adapter=False)
 
 
 def lora_modules(state_dict: dict) -> list[LoraModule]:
     """Pair every lora_A with its lora_B and check their shapes agree; sorted by module path."""
     pairs: dict[str, dict[str, tuple]] = {}
     for key, tensor in state_dict.items():
-        match = LORA_KEY.match(key)
-        if not match:
+        parsed = parse_lora_key(key)
+        if parsed is None:
             raise InvalidAdapter(f"unsupported tensor {key!r}: only linear LoRA A/B weights are supported")
         if tensor.ndim != 2:
             raise InvalidAdapter(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected a matrix")
-        module = match["module"].removeprefix(PEFT_PREFIX)
-        pairs.setdefault(module, {})[match["part"]] = tuple(tensor.shape)
+        module = parsed.module.removeprefix(PEFT_PREFIX)
+        pairs.setdefault(module, {})[parsed.part] = tuple(tensor.shape)
     if not pairs:
         raise InvalidAdapter("the adapter holds no LoRA weights")
     modules = []

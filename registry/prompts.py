@@ -38,3 +38,11 @@ def read_prompts_file(path: str | Path) -> list[str]:
     if not prompts:
         raise RegistryError(f"prompts file {path} holds no prompts")
     return prompts
+
+
+def prompts_sha256(prompts) -> str:
+    """The digest of a prompt list (order matters), recorded in generated and composed adapters' recipes:
+    sha256 of its compact UTF-8 JSON encoding (unambiguous, unlike joining by newlines)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()

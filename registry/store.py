@@ -25,7 +25,8 @@ from sqlalchemy.exc import IntegrityError as SQLIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry import peft_io
-from registry.blobs import BlobStore, atomic_write, sha256_bytes, sha256_file
+from registry.atomic import atomic_write, swap_directory
+from registry.blobs import BlobStore, sha256_bytes, sha256_file
 from registry.db import ensure_schema, make_engine
 from registry.embeddings import embed_texts, encoder_id, mean_embedding
 from registry.errors import IntegrityError, InvalidAdapter, NotFound, RegistryError
@@ -253,8 +254,7 @@ class Registry:
                       base: str | None = None, **metadata) -> AdapterInfo:
         """Import a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
         directory = Path(path).expanduser()
-        config = peft_io.read_adapter_config(directory)
-        state_dict = peft_io.read_adapter_weights(directory)
+        config, state_dict = peft_io.read_adapter_dir(directory)
         return self.add_weights(name or directory.resolve().name, state_dict, config, kind=kind,
                                 base=base, **metadata)
 
@@ -453,13 +453,7 @@ class Registry:
                 shutil.copyfile(source / file_name, staging / file_name)
             (staging / "registry.json").write_text(json.dumps({"ref": info.ref, "digest": info.digest}))
             target = root / info.name
-            if target.exists():
-                old = root / f".old-{info.name}-{os.getpid()}"
-                os.replace(target, old)
-                os.replace(staging, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, target)
+            swap_directory(staging, target)
             written.append(target)
         return written
 

@@ -102,12 +102,15 @@ class LoraAdapter:
 
 def lora_modules(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Module prefixes of a PEFT LoRA state dict; refuse keys that are not plain LoRA A/B weights."""
+    from registry.peft_io import parse_lora_key
+
     modules = []
     for key in state_dict:
-        if key.endswith(LORA_A_SUFFIX):
-            modules.append(key[: -len(LORA_A_SUFFIX)])
-        elif not key.endswith(LORA_B_SUFFIX):
+        parsed = parse_lora_key(key)
+        if parsed is None or parsed.adapter is not None:
             raise CompositionError(f"unsupported key {key!r}: only plain LoRA lora_A/lora_B weights can be composed")
+        if parsed.part == "A":
+            modules.append(parsed.module)
     for module in modules:
         if module + LORA_B_SUFFIX not in state_dict:
             raise CompositionError(f"module {module!r} has lora_A but no lora_B")
@@ -121,21 +124,20 @@ def lora_modules(state_dict: dict[str, torch.Tensor]) -> list[str]:
 
 def load_adapter_dir(directory: str | os.PathLike, name: str | None = None) -> LoraAdapter:
     """Read a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    from safetensors.torch import load_file
+    from registry import peft_io
+    from registry.errors import InvalidAdapter
 
     directory = Path(directory)
-    config = json.loads((directory / "adapter_config.json").read_text())
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise CompositionError(f"{directory} is not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    try:
+        config, state_dict = peft_io.read_adapter_dir(directory)
+    except InvalidAdapter as err:
+        raise CompositionError(str(err)) from None
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise CompositionError(f"{directory}: adapters with rank_pattern/alpha_pattern are not supported")
     if config.get("use_dora"):
         raise CompositionError(f"{directory}: DoRA adapters are not supported")
-    weights = directory / "adapter_model.safetensors"
-    if not weights.exists():
-        raise CompositionError(f"{directory} has no adapter_model.safetensors (pickles are never loaded)")
     return LoraAdapter(
-        state_dict=load_file(str(weights)),
+        state_dict=state_dict,
         rank=int(config["r"]),
         alpha=float(config["lora_alpha"]),
         use_rslora=bool(config.get("use_rslora", False)),
@@ -156,7 +158,7 @@ def peft_config_dict(adapter: LoraAdapter, task_type: str | None = "CAUSAL_LM") 
     import importlib.metadata
 
     from registry.base_models import models_cache_dir
-    from registry.blobs import atomic_write
+    from registry.atomic import atomic_write
 
     arguments = dict(r=adapter.rank, lora_alpha=adapter.alpha, use_rslora=adapter.use_rslora,
                      target_modules=sorted(adapter.target_modules), task_type=adapter.extra_config.get("task_type") or task_type,
@@ -200,15 +202,9 @@ def _peft_config_dict(adapter: LoraAdapter, task_type: str | None) -> dict:
 def save_adapter_dir(adapter: LoraAdapter, directory: str | os.PathLike,
                      task_type: str | None = "CAUSAL_LM") -> Path:
     """Write ``adapter`` as a PEFT directory that ``PeftModel.from_pretrained`` loads."""
-    from safetensors.torch import save_file
+    from registry.peft_io import write_adapter_dir
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = peft_config_dict(adapter, task_type)
-    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    tensors = {key: value.detach().contiguous().cpu() for key, value in adapter.state_dict.items()}
-    save_file(tensors, str(directory / "adapter_model.safetensors"))
-    return directory
+    return write_adapter_dir(directory, adapter.state_dict, peft_config_dict(adapter, task_type))
 
 
 # --- weights --------------------------------------------------------------------------------------

@@ -220,8 +220,9 @@ def route_generate_ids(model: torch.nn.Module, adapters: LoraPool | Mapping[str,
 def tokenize_left_padded(tokenizer, prompts: Sequence[str], chat: bool = False) -> dict[str, torch.Tensor]:
     """Token ids and attention mask with left padding (optionally through the chat template)."""
     if chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True) for prompt in prompts]
+        from registry.chat import render_prompts
+
+        prompts = render_prompts(tokenizer, prompts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

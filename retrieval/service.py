@@ -34,7 +34,6 @@ of the same task.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import statistics
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 
 from registry.errors import RegistryError
+from registry.prompts import prompts_sha256
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from registry.store import AdapterInfo, Registry, SearchHit
@@ -95,11 +95,6 @@ def _query_texts(prompts: str | Sequence[str]) -> list[str]:
     if any(not isinstance(t, str) or not t.strip() for t in texts):
         raise RetrievalError("the query holds an empty prompt: every prompt must be a non-empty string")
     return texts
-
-
-def prompts_sha256(prompts: Sequence[str]) -> str:
-    """Digest of a prompt list (order matters): sha256 of its compact UTF-8 JSON encoding."""
-    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
 
 
 # --- the compatible pool ----------------------------------------------------------------------------
@@ -526,17 +521,15 @@ def plan_pool(reg: "Registry", plan: Sequence[RoutedItem]):
     return build_lora_pool({ref: load_lora(reg, infos[ref]) for ref in refs})
 
 
-def _uses_chat(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def _generate_routed(model, tokenizer, pool, plan: Sequence[RoutedItem], max_new_tokens: int,
                      batch_size: int | None, chat: bool | None = None) -> list[str]:
     """Greedy completions of the plan's prompts, ``batch_size`` items per forward pass."""
+    from registry.chat import render_prompt, uses_chat
     from retrieval.routing import route_generate
 
-    chat = _uses_chat(tokenizer) if chat is None else chat
-    prompts = [item.prompt if chat else item.prompt + "\n" for item in plan]
+    chat = uses_chat(tokenizer) if chat is None else chat
+    # with chat, route_generate renders the template itself; without, the plain rendering is done here
+    prompts = [item.prompt if chat else render_prompt(tokenizer, item.prompt, chat=False) for item in plan]
     batch_size = batch_size or len(plan)
     outputs: list[str] = []
     for first in range(0, len(plan), batch_size):
