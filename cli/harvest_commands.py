@@ -15,23 +15,44 @@ app.add_typer(tasks_app, name="tasks")
 TaskOption = Annotated[Optional[str], typer.Option("--task", help="A zoo task name or a .jsonl task file.")]
 
 
+FamilyOption = Annotated[Optional[str], typer.Option("--family", help="Only this task family (see `registry tasks families`).")]
+
+
 @tasks_app.command("list")
-def tasks_list(json_output: JsonOption = False):
-    """List the built-in zoo tasks."""
+def tasks_list(family: FamilyOption = None, json_output: JsonOption = False):
+    """List the built-in zoo tasks (with their family)."""
     from harvest.zoo import list_zoo
 
-    infos = list_zoo()
+    infos = list_zoo(family)
     if json_output:
         print_json([i.to_dict() for i in infos])
         return
     from rich.table import Table
 
-    table = Table(title=f"{len(infos)} zoo tasks")
-    for column in ("name", "metric", "language", "description"):
+    table = Table(title=f"{len(infos)} zoo tasks" + (f" in family {family}" if family else ""))
+    for column in ("name", "family", "metric", "language", "description"):
         table.add_column(column)
     for info in infos:
-        data = info.to_dict()
-        table.add_row(data["name"], data["metric"], str(data.get("language", "")), data["description"])
+        table.add_row(info.name, info.family or "", info.metric, info.language, info.description)
+    console().print(table)
+
+
+@tasks_app.command("families")
+def tasks_families(json_output: JsonOption = False):
+    """List the zoo's task families and how many tasks each has."""
+    from harvest.zoo import FAMILIES, zoo_names
+
+    rows = [{"family": f.name, "tasks": len(zoo_names(f.name)), "description": f.description} for f in FAMILIES.values()]
+    if json_output:
+        print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} task families, {sum(r['tasks'] for r in rows)} tasks")
+    for column in ("family", "tasks", "description"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["family"], str(row["tasks"]), row["description"])
     console().print(table)
 
 
@@ -64,6 +85,7 @@ def tasks_export(task: Annotated[str, typer.Argument(help="A zoo task name.")],
 def harvest_command(
     task: TaskOption = None,
     zoo: Annotated[bool, typer.Option("--zoo", help="Harvest every zoo task, skipping finished ones.")] = False,
+    family: Annotated[Optional[str], typer.Option("--family", help="With --zoo: only this family's tasks (comma-separated for several).")] = None,
     base: Annotated[Optional[str], typer.Option(help="Base model folder (default: embedded SmolLM2-135M-Instruct).")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
@@ -86,6 +108,10 @@ def harvest_command(
 
     if zoo == (task is not None):
         raise RegistryError("give either --task T or --zoo")
+    if family and not zoo:
+        raise RegistryError("--family goes with --zoo")
+    names = [task] if not zoo else (zoo_names() if not family else
+                                    [n for f in family.split(",") for n in zoo_names(f.strip())])
     config = HarvestConfig(rank=rank, alpha=alpha, seed=seed,
                            target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()))
     for field_name, value in (("steps", steps), ("lr", lr), ("batch_size", batch_size), ("n_checkpoints", keep)):
@@ -95,7 +121,7 @@ def harvest_command(
     from registry.precision import resolve
 
     resolve(precision)  # an unknown name fails here, before any work
-    tasks = [resolve_task(name) for name in (zoo_names() if zoo else [task])]
+    tasks = [resolve_task(name) for name in names]
     summaries = []
     with open_registry(home) as reg, progress() as bar:
         overall = bar.add_task("tasks", total=len(tasks), status="")

@@ -6,11 +6,12 @@ File format (UTF-8, one JSON object per line, blank lines ignored)::
     {"prompt": "Spell this word backward: dog", "answer": "god", "split": "test"}
 
 Metadata (``name``, ``description``, ``metric`` in ``exact|numeric|choice|contains``, optional
-``max_new_tokens``) comes from, in order of precedence:
+``max_new_tokens``, ``language`` and ``family``) comes from, in order of precedence:
 
 1. keyword arguments to :func:`load_task_file`;
-2. a sidecar file ``<file>.meta.json`` next to the data (``tasks.jsonl`` -> ``tasks.jsonl.meta.json``),
-   which is what :func:`export_task` writes, so the JSONL itself stays plain data;
+2. a sidecar file next to the data: ``<file>.meta.json`` (``tasks.jsonl`` -> ``tasks.jsonl.meta.json``,
+   what :func:`export_task` writes, so the JSONL itself stays plain data) or ``<stem>.meta.json``
+   (``tasks.meta.json``); both at once is refused;
 3. a header line: the first object of the file may be ``{"_task": {"name": ..., "metric": ...}}``
    instead of an item (handy for a single self-contained file);
 4. defaults: name = the file stem, metric = ``exact``, empty description.
@@ -59,6 +60,7 @@ class TaskInfo:
     source: str = "user"
     language: str = "en"
     max_new_tokens: int | None = None
+    family: str | None = None  # zoo tasks: their family (harvest.zoo); user tasks: optional, from metadata
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +105,7 @@ def make_task(
     source: str = "user",
     language: str = "en",
     max_new_tokens: int | None = None,
+    family: str | None = None,
 ) -> Task:
     """Build a task, checking the metric and that train and test share no prompt."""
     check_metric(metric)
@@ -110,7 +113,7 @@ def make_task(
     if overlap:
         raise TaskError(f"task {name}: {len(overlap)} prompt(s) in both train and test, e.g. {next(iter(overlap))!r}")
     info = TaskInfo(name=name, description=description, metric=metric, n_train=len(train), n_test=len(test),
-                    source=source, language=language, max_new_tokens=max_new_tokens)
+                    source=source, language=language, max_new_tokens=max_new_tokens, family=family)
     return Task(info=info, train=list(train), test=list(test))
 
 
@@ -142,7 +145,7 @@ def _meta_from_dict(meta: object, where: str) -> dict:
     if not isinstance(meta, dict):
         raise TaskError(f"{where}: task metadata must be a JSON object")
     out = {}
-    for key in ("name", "description", "metric", "language"):
+    for key in ("name", "description", "metric", "language", "family"):
         if key in meta and meta[key] is not None:
             if not isinstance(meta[key], str):
                 raise TaskError(f"{where}: metadata {key!r} must be a string")
@@ -158,8 +161,20 @@ def _meta_from_dict(meta: object, where: str) -> dict:
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where :func:`write_task_file` puts a task's metadata: ``tasks.jsonl`` -> ``tasks.jsonl.meta.json``."""
     path = Path(path)
     return path.with_name(path.name + META_SUFFIX)
+
+
+def find_sidecar(path: str | os.PathLike) -> Path | None:
+    """The metadata file of task file ``path``: ``<file>.meta.json`` or, the natural guess,
+    ``<stem>.meta.json`` (``tasks.jsonl`` -> ``tasks.meta.json``). Both present: an error, since
+    which one wins would be a guess."""
+    path = Path(path)
+    candidates = [c for c in (sidecar_path(path), path.with_suffix(META_SUFFIX)) if c.is_file()]
+    if len(candidates) == 2 and candidates[0] != candidates[1]:
+        raise TaskError(f"{path}: two metadata files ({candidates[0].name} and {candidates[1].name}); keep one")
+    return candidates[0] if candidates else None
 
 
 def load_task_file(
@@ -212,8 +227,8 @@ def load_task_file(
     if not examples:
         raise TaskError(f"{path}: no items (the file is empty or blank)")
 
-    sidecar = sidecar_path(path)
-    if sidecar.exists():
+    sidecar = find_sidecar(path)
+    if sidecar is not None:
         try:
             meta.update(_meta_from_dict(json.loads(sidecar.read_text(encoding="utf-8")), str(sidecar)))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -239,6 +254,7 @@ def load_task_file(
         source=f"file:{path.name}",
         language=meta.get("language", "en"),
         max_new_tokens=meta.get("max_new_tokens"),
+        family=meta.get("family"),
     )
 
 

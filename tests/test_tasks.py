@@ -136,10 +136,46 @@ def test_explicit_split_tags(tmp_path):
 # ------------------------------------------------------------------------------- zoo
 
 
+def test_zoo_v2_families():
+    """At least 120 tasks in at least 10 families of 8 or more; two families in Japanese."""
+    from collections import Counter
+
+    infos = zoo.list_zoo()
+    per_family = Counter(info.family for info in infos)
+    assert len(infos) >= 120 and None not in per_family
+    assert len(per_family) >= 10 and min(per_family.values()) >= 8, per_family
+    japanese = {f for f in per_family if all(i.language == "ja" for i in infos if i.family == f)}
+    assert len(japanese) >= 2, japanese
+    assert [i.name for i in zoo.list_zoo("sorting")] == zoo.zoo_names("sorting")
+    assert all(zoo.family_of(i.name) == "sorting" for i in zoo.list_zoo("sorting"))
+    with pytest.raises(TaskError, match="unknown task family 'nope'"):
+        zoo.zoo_names("nope")
+
+
+def test_zoo_v1_tasks_keep_their_items():
+    """The 29 tasks of zoo v1 kept their names, seeds and items (digest taken from the v1 code at
+    346044a), so adapters harvested from them stay comparable."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in _V1_TASKS:
+        task = zoo.load_zoo_task(name)
+        for example in task.train + task.test:
+            digest.update(f"{name}\0{example.prompt}\0{example.answer}\1".encode())
+    assert digest.hexdigest() == "343532c41fa262a35d03051714cda8de526098b17ce46b69fd2fd2d3dafd4e3e"
+    assert zoo.family_of("weekday") == "calendar" and zoo.family_of("ja_kanji_numbers") == "ja_numerals"
+
+
+_V1_TASKS = ("add_sub chain_sum letter_count spell_backward word_reversal word_sort number_sort sentence_reorder "
+             "gcd lcm count_bits base_conversion family_relation syllogism ransom_note uppercase sibling_riddle "
+             "leg_count weekday prime_factors fraction_simplify number_sequence unscramble time_difference "
+             "solve_linear complex_add larger_choice ja_kanji_numbers ja_fullwidth_arith").split()
+
+
 def test_zoo_size_and_splits():
     infos = zoo.list_zoo()
     names = [info.name for info in infos]
-    assert len(infos) >= 24 and len(set(names)) == len(names)
+    assert len(infos) >= 120 and len(set(names)) == len(names)
     assert {info.metric for info in infos} <= {"exact", "numeric", "choice", "contains"}
     assert any(info.language == "ja" for info in infos)
     for name in names:
@@ -193,9 +229,48 @@ def test_zoo_answers_are_right():
         assert example.answer == example.prompt.rsplit(": ", 1)[1].upper()
 
 
+def test_zoo_v2_answers_are_right():
+    from harvest.metrics import kanji_to_int
+    from harvest.zoo.formats import number_words, roman
+
+    assert [roman(n) for n in (4, 9, 14, 40, 90, 400, 444)] == ["IV", "IX", "XIV", "XL", "XC", "CD", "CDXLIV"]
+    assert number_words(342) == "three hundred forty-two" and number_words(70) == "seventy"
+    for example in zoo.load_zoo_task("ja_to_kanji").test[:30]:
+        assert kanji_to_int(example.answer) == int(example.prompt.rsplit(" ", 1)[1])
+    for example in zoo.load_zoo_task("to_24_hour").test[:30]:
+        clock, half = example.prompt.split()[1:3]
+        hour, minute = map(int, clock.split(":"))
+        assert example.answer == f"{hour % 12 + (12 if half == 'PM' else 0):02d}:{minute:02d}"
+    for example in zoo.load_zoo_task("is_prime").test:
+        n = int(example.prompt.split()[1])
+        assert (example.answer == "Yes") == all(n % d for d in range(2, n))
+    answers = [e.answer for e in zoo.load_zoo_task("is_prime").test]
+    assert 0.3 < answers.count("Yes") / len(answers) < 0.7  # balanced, so "No" alone is not a strong base
+
+
 def test_unknown_zoo_task():
     with pytest.raises(TaskError, match="unknown zoo task"):
         zoo.load_zoo_task("nope")
+
+
+def test_stem_meta_json_is_read_and_two_sidecars_are_refused(tmp_path):
+    data = write_lines(tmp_path / "mine.jsonl", items(20))
+    (tmp_path / "mine.meta.json").write_text(json.dumps({"name": "plus_one", "metric": "numeric", "family": "arith"}))
+    task = load_task_file(data)
+    assert (task.name, task.metric, task.info.family) == ("plus_one", "numeric", "arith")
+    (tmp_path / "mine.jsonl.meta.json").write_text(json.dumps({"metric": "exact"}))
+    with pytest.raises(TaskError, match="two metadata files"):
+        load_task_file(data)
+
+
+def test_tasks_cli_lists_families_and_filters(cli):
+    code, out, _ = cli("tasks", "list", "--family", "ja_arithmetic", "--json")
+    rows = json.loads(out)
+    assert code == 0 and rows and {r["family"] for r in rows} == {"ja_arithmetic"} and {r["language"] for r in rows} == {"ja"}
+    code, out, _ = cli("tasks", "families", "--json")
+    assert code == 0 and sum(f["tasks"] for f in json.loads(out)) == len(zoo.zoo_names())
+    code, out, err = cli("tasks", "list", "--family", "nope")
+    assert code != 0 and "unknown task family 'nope'" in err + out and "Traceback" not in err + out
 
 
 def test_export_round_trip(tmp_path):
