@@ -438,9 +438,13 @@ def test_error_page_in_the_browser(browser, site):
     shot(browser, "error-400")
 
 
-def test_pages_answer_empty_registry_and_do_not_touch_the_api(reg):
-    """An empty registry: every page renders (nothing to list, no report); the JSON API is unchanged."""
+def test_pages_on_an_empty_registry_then_after_an_add(reg, tiny_adapter_factory):
+    """An empty registry: every page renders (nothing to list, no report) and the JSON API is
+    unchanged; an adapter added afterwards (another handle: another process's commit) shows on
+    the next page load, and a removed one goes."""
     from fastapi.testclient import TestClient
+
+    from registry.store import Registry
 
     _, create_app = server_parts()
     with TestClient(create_app(reg)) as client:
@@ -448,8 +452,18 @@ def test_pages_answer_empty_registry_and_do_not_touch_the_api(reg):
             response = client.get(path)
             assert response.status_code == 200, path
             assert "default-src 'none'" in response.headers["content-security-policy"]
+        assert "0 of 0 adapter versions" in client.get("/").text
         assert client.get("/v1/adapters").json() == []
         assert client.get("/v1/nothing").json() == {"error": "no such endpoint: GET /v1/nothing"}
         assert client.post("/").status_code == 403  # a write to a page path: refused by the guard, no token
         assert client.get("/-/static/web.css").status_code == 200
         assert client.get("/-/static/../pages.py").status_code == 404
+
+        other = Registry.open()
+        try:
+            other.add_directory(tiny_adapter_factory("late", seed=9), name="late", task="t")
+            assert 'data-ref="late@1"' in client.get("/").text
+            other.remove("late@1")
+            assert "0 of 0 adapter versions" in client.get("/").text
+        finally:
+            other.close()

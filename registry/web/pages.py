@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -203,6 +204,29 @@ def _report_context(report: Report) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+class ListCache:
+    """The adapter list the pages filter, reloaded only after a commit (the server's change stamp:
+    one tiny query per request instead of reading every row, its tags, aliases and lineage)."""
+
+    def __init__(self, registry, stamp):
+        self.registry = registry
+        self.stamp = stamp
+        self._entry = None  # (stamp, [adapter dicts])
+        self._lock = threading.Lock()
+
+    def adapters(self) -> list[dict]:
+        stamp = self.stamp.read()  # before the SQL: a commit racing the load makes the next read reload
+        entry = self._entry
+        if entry is not None and self.stamp.cheap and entry[0] == stamp:
+            return entry[1]
+        adapters = [a.to_dict() for a in self.registry.list_adapters()]
+        for a in adapters:
+            a["family"] = family_of(a)
+        with self._lock:
+            self._entry = (stamp, adapters)
+        return adapters
+
+
 def _guarded(renderer: Renderer, handler):
     """An async page handler whose failures are HTML pages: PageError and RegistryError with their
     status (400/404), anything else a plain 500 page (the traceback goes to the log only)."""
@@ -240,6 +264,7 @@ def mount_pages(app, registry, *, reads, follower, model_lock, protect_reads: bo
     from registry.web.auth import PageAuth
 
     renderer = Renderer(protect_reads)
+    listing = ListCache(registry, reads.stamp)
     reports_root = Path(reports_dir or os.environ.get("REGISTRY_REPORTS_DIR") or "reports").expanduser()
     static = StaticFiles(packages=[("registry.web", "static")])
     app.add_middleware(PageAuth, token=token, protect_reads=protect_reads, static=static,
@@ -255,9 +280,7 @@ def mount_pages(app, registry, *, reads, follower, model_lock, protect_reads: bo
         base_model, tag = _one(request, "base_model"), _one(request, "tag")
         page = _int(request, "page", 1, 1, 10**9)
         per_page = _int(request, "per_page", PER_PAGE, 1, MAX_PER_PAGE)
-        everything = [a.to_dict() for a in await run_in_threadpool(registry.list_adapters)]
-        for a in everything:
-            a["family"] = family_of(a)
+        everything = await run_in_threadpool(listing.adapters)
         chosen = [a for a in everything
                   if (kind is None or a["kind"] == kind) and (task is None or a["task"] == task)
                   and (family is None or a["family"] == family)
@@ -315,7 +338,7 @@ def mount_pages(app, registry, *, reads, follower, model_lock, protect_reads: bo
         exclude = [t for t in request.query_params.getlist("exclude_task") if t.strip()]
         if sum(len(q) for q in queries) > MAX_QUERY_CHARS:
             raise PageError(400, "Bad query", f"the search query is over {MAX_QUERY_CHARS} characters")
-        hits, base_models = None, sorted({a.base_model for a in await run_in_threadpool(registry.list_adapters)})
+        hits, base_models = None, sorted({a["base_model"] for a in await run_in_threadpool(listing.adapters)})
         if base_model is not None and base_model not in base_models:
             raise PageError(400, "Bad query", f"no stored adapter has the base model {base_model!r}")
         if queries:
