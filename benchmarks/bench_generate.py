@@ -8,7 +8,7 @@ One run prints, for each precision (``--precisions``, default ``fp32,bf16``), in
 - warm ``generate_state_dict_for`` (embed + decode, nothing stored; the artifact, the encoder and the
   decode plan already loaded) p50/p95 wall and CPU time, with its embed / decode parts;
 - warm ``generate_adapter`` (the same plus storing a ``generated`` version) and warm
-  ``POST /v1/generate`` on a server running in this process (``registry.server``, loopback);
+  ``POST /v1/generate`` on a server running in this process (``registry.http.app``, loopback);
 - the relative difference of the bf16 adapter's weights from the fp32 one (same prompts);
 - cold ``registry generate --precision P`` and ``registry compose --precision P -k 3`` as fresh
   subprocesses (``python -m cli.main``): wall and CPU time, and the breakdown the commands report
@@ -169,11 +169,13 @@ def bench_http(reg, generator_ref: str | None, prompts: list[str], precisions: l
     (``$REGISTRY_PRECISION``), set per run."""
     import urllib.request
 
-    from registry.server import ServerThread, create_app
+    from cli.serve_commands import backends
+    from registry.http.app import create_app
+    from tests.server_helpers import ServerThread
 
     token = "bench-token"
     out = {}
-    with ServerThread(create_app(reg, token=token)) as url:
+    with ServerThread(create_app(reg, token=token, **backends())) as url:
         def post(name: str) -> float:
             body = {"prompts": prompts, "name": name}
             if generator_ref:

@@ -319,7 +319,7 @@ class Reader(threading.Thread):
                 self.corrupt.append(f"range {start}-{end} of sha256:{digest[:12]}: wrong bytes")
 
     def op_archive_by_alias(self):
-        from registry.server import read_tar
+        from tests.server_helpers import read_tar
 
         name = self.rng.choice(self.names)
         status, headers, body = self.get(f"/v1/adapters/{name}@prod/archive")

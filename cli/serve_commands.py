@@ -13,6 +13,15 @@ ServerOption = Annotated[str, typer.Option("--server", help="Base URL of a `regi
 CacheOption = Annotated[Optional[Path], typer.Option("--cache-dir", help="Client cache (default: $REGISTRY_CLIENT_CACHE or ~/.cache/lora-registry/client).", file_okay=False)]
 
 
+def backends() -> dict:
+    """The generate and compose backends ``registry serve`` builds the app with: the HTTP app lives in
+    ``registry``, which imports neither ``generator`` nor ``retrieval``; this layer hands them in."""
+    from generator.service import generate_adapter
+    from retrieval.service import compose_adapter
+
+    return {"generate": generate_adapter, "compose": compose_adapter}
+
+
 def _token() -> str | None:
     import os
 
@@ -32,7 +41,7 @@ def serve(
     import os
 
     from registry.errors import RegistryError
-    from registry.server import serve as run_server
+    from registry.http.app import serve as run_server
 
     token = _token()
     protect = protect_reads or None  # None: fall back to $REGISTRY_PROTECT_READS
@@ -43,7 +52,8 @@ def serve(
     if not token:
         err.print("REGISTRY_TOKEN is not set: writes (alias moves, generate, compose) are refused")
     err.print(f"serving on http://{host}:{port} (docs at http://{host}:{port}/docs)")
-    run_server(home, host, port, protect_reads=protect, max_body_bytes=max_body_bytes, access_log=access_log)
+    run_server(home, host, port, protect_reads=protect, max_body_bytes=max_body_bytes, access_log=access_log,
+               **backends())
 
 
 @app.command()

@@ -497,17 +497,6 @@ class Registry:
         self._save_index()
         return info
 
-    # -- generation (a thin delegate) ------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], name: str, generator: str | None = None, **options) -> AdapterInfo:
-        """Generate and store an adapter from ``prompts`` with a trained generator (DnD by default).
-
-        The one place ``registry`` reaches into ``generator``: imported lazily, so storing and
-        fetching never load it; the logic lives in ``generator.service.generate_adapter``.
-        """
-        from generator.service import generate_adapter
-
-        return generate_adapter(self, list(prompts), name, generator_ref=generator, **options)
-
     # -- artifacts (trained generators) ----------------------------------------------------------
     def add_artifact(self, name: str, artifact_type: str, tensors: dict, meta: dict,
                      base_model: str | None = None) -> ArtifactInfo:

@@ -78,7 +78,8 @@ def seeded(reg, tiny_adapter_factory):
 
 @pytest.fixture
 def server(reg, seeded):
-    from registry.server import ServerThread, create_app
+    from registry.http.app import create_app
+    from server_helpers import ServerThread
 
     spy = Spy(create_app(reg, token=TOKEN))
     thread = ServerThread(spy)
@@ -244,7 +245,8 @@ def test_unknown_ref_bad_ref_and_unreachable_server(server, tmp_path):
 
 def test_protected_reads_need_the_token(reg, seeded, tmp_path):
     from registry.client import ServerError, fetch
-    from registry.server import ServerThread, create_app
+    from registry.http.app import create_app
+    from server_helpers import ServerThread
 
     with ServerThread(create_app(reg, token=TOKEN, protect_reads=True)) as url:
         with pytest.raises(ServerError, match="401"):

@@ -8,7 +8,6 @@ import hashlib
 import http.client
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -35,18 +34,39 @@ def seeded(reg, tiny_adapter_factory):
 
 @pytest.fixture
 def client(reg, seeded):
+    """The app as `registry serve` builds it: with the generate and compose backends."""
     from fastapi.testclient import TestClient
 
-    from registry.server import create_app
+    from cli.serve_commands import backends
+    from registry.http.app import create_app
 
-    with TestClient(create_app(reg, token=TOKEN)) as test_client:
+    with TestClient(create_app(reg, token=TOKEN, **backends())) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def make_client(reg, seeded):
+    """``make_client(**backends)``: a test client of an app built with exactly these backends."""
+    from fastapi.testclient import TestClient
+
+    from registry.http.app import create_app
+
+    clients = []
+
+    def make(**backends):
+        clients.append(TestClient(create_app(reg, token=TOKEN, **backends)).__enter__())
+        return clients[-1]
+
+    yield make
+    for test_client in clients:
+        test_client.__exit__(None, None, None)
 
 
 @pytest.fixture
 def live(reg, seeded):
     """A real uvicorn on a free loopback port: raw requests are sent exactly as written."""
-    from registry.server import ServerThread, create_app
+    from registry.http.app import create_app
+    from server_helpers import ServerThread
 
     with ServerThread(create_app(reg, token=TOKEN)) as url:
         yield url
@@ -181,7 +201,7 @@ def test_files_have_digest_etags_conditional_get_and_ranges(client, seeded, reg)
 
 
 def test_archive_is_the_peft_directory(client, seeded):
-    from registry.server import read_tar
+    from server_helpers import read_tar
 
     response = client.get("/v1/adapters/math@prod/archive")
     assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
@@ -198,8 +218,9 @@ def test_archive_is_the_peft_directory(client, seeded):
 def test_large_files_are_streamed_without_zero_copy(reg, seeded, monkeypatch):
     """uvicorn's own protocol (no zero-copy extension): small slices are read at once, larger ones
     stream in CHUNKs; the bytes and lengths are the same either way."""
-    import registry.serve_reads as serve_reads
-    from registry.server import ServerThread, create_app, read_tar
+    import registry.http.replies as serve_reads
+    from registry.http.app import create_app
+    from server_helpers import ServerThread, read_tar
 
     monkeypatch.setattr(serve_reads, "SMALL_BODY", 100)  # everything above 100 bytes takes the streaming path
     monkeypatch.setattr(serve_reads, "CHUNK", 1000)
@@ -318,7 +339,7 @@ def test_writes_need_the_token(live, seeded, reg):
 def test_a_server_without_a_token_refuses_every_write(reg, seeded, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from registry.server import create_app
+    from registry.http.app import create_app
 
     monkeypatch.delenv("REGISTRY_TOKEN", raising=False)
     client = TestClient(create_app(reg))
@@ -378,9 +399,8 @@ def test_oversized_bodies_get_413_declared_or_chunked(live, seeded, reg):
     assert_still_serving(live, seeded)
 
 
-def test_generate_and_compose_answer_501_without_a_backend(client, monkeypatch, reg):
-    monkeypatch.setitem(sys.modules, "generator.service", None)  # import fails as if not installed
-    monkeypatch.setitem(sys.modules, "retrieval.service", None)
+def test_generate_and_compose_answer_501_without_a_backend(make_client, reg):
+    client = make_client()  # an app built without generate/compose backends
     before = registry_state(reg)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     response = client.post("/v1/generate", json={"prompts": ["What is 1+1?"], "name": "gen"}, headers=auth)
@@ -394,7 +414,7 @@ def test_generate_and_compose_answer_501_without_a_backend(client, monkeypatch, 
     assert registry_state(reg) == before
 
 
-def test_generate_and_compose_call_the_backend(client, monkeypatch, reg, tiny_adapter_factory):
+def test_generate_and_compose_call_the_backend(make_client, reg, tiny_adapter_factory):
     calls = []
     source = tiny_adapter_factory("generated", seed=9)
 
@@ -406,8 +426,7 @@ def test_generate_and_compose_call_the_backend(client, monkeypatch, reg, tiny_ad
         calls.append(("compose", prompts, k, strategy, name))
         return registry.add_directory(source, name=name, kind="composed", parents=[("math@1", 1.0)])
 
-    monkeypatch.setitem(sys.modules, "generator.service", types.SimpleNamespace(generate_adapter=generate_adapter))
-    monkeypatch.setitem(sys.modules, "retrieval.service", types.SimpleNamespace(compose_adapter=compose_adapter))
+    client = make_client(generate=generate_adapter, compose=compose_adapter)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     response = client.post("/v1/generate", json={"prompts": ["Add 1 and 2."], "name": "gen", "generator": "dnd@1"},
                            headers=auth)
@@ -437,7 +456,7 @@ def test_compose_and_generate_with_the_real_backends(client, reg):
 def test_protected_reads(reg, seeded):
     from fastapi.testclient import TestClient
 
-    from registry.server import create_app
+    from registry.http.app import create_app
 
     client = TestClient(create_app(reg, token=TOKEN, protect_reads=True))
     for path in ("/v1/adapters", "/v1/adapters/math@1", f"/v1/adapters/math@1/files/{WEIGHTS}",
@@ -454,7 +473,7 @@ def test_protected_reads(reg, seeded):
 def test_protect_reads_from_the_environment(reg, seeded, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from registry.server import create_app
+    from registry.http.app import create_app
 
     monkeypatch.setenv("REGISTRY_TOKEN", TOKEN)
     monkeypatch.setenv("REGISTRY_PROTECT_READS", "1")
@@ -516,7 +535,7 @@ def test_serve_command_runs_uvicorn(registry_home, seeded, tmp_path, cli, monkey
 
 
 def test_parse_range_edges():
-    from registry.server import parse_range
+    from registry.http.replies import parse_range
 
     assert parse_range(None, 10) is None
     assert parse_range("bytes=0-0", 10) == (0, 0)
@@ -531,7 +550,7 @@ def test_parse_range_edges():
 
 
 # --------------------------------------------------------------------------------------------
-# What the server keeps in memory must never outlive a change (registry.serve_cache)
+# What the server keeps in memory must never outlive a change (registry.http.cache)
 # --------------------------------------------------------------------------------------------
 
 
@@ -555,7 +574,7 @@ def get_json(url: str, path: str) -> tuple[int, dict, dict]:
 def test_an_alias_moved_elsewhere_is_seen_on_the_next_request(live, seeded, reg):
     """The answers for math@prod are cached; a move by another handle or another process must
     show on the very next request, in the metadata, the files and the archive."""
-    from registry.server import read_tar
+    from server_helpers import read_tar
     from registry.store import Registry
 
     for _ in range(3):  # warm: these are now answered from memory
@@ -626,7 +645,7 @@ def test_repeated_reads_run_no_sql(reg, seeded):
     from fastapi.testclient import TestClient
     from sqlalchemy import event
 
-    from registry.server import create_app
+    from registry.http.app import create_app
 
     client = TestClient(create_app(reg, token=TOKEN))
     paths = ["/v1/adapters/math@prod", "/v1/adapters/math", f"/v1/adapters/sha256:{seeded['v1'].digest[:10]}",
@@ -664,7 +683,7 @@ def test_a_blob_corrupted_after_it_was_served_is_refused(client, seeded, reg):
 
 
 # --------------------------------------------------------------------------------------------
-# Zero-copy file responses (registry.serve_http) and the fast read path (registry.serve_reads)
+# Zero-copy file responses (registry.http.zerocopy) and the fast read path (registry.http.reads)
 # --------------------------------------------------------------------------------------------
 
 
@@ -679,8 +698,9 @@ def zero_copy_server(request, reg, seeded, monkeypatch):
     """A live server on the zero-copy protocol of each installed parser, counting os.sendfile calls."""
     import os
 
-    import registry.serve_http as serve_http
-    from registry.server import ServerThread, create_app
+    import registry.http.zerocopy as serve_http
+    from registry.http.app import create_app
+    from server_helpers import ServerThread
 
     calls = []
     real = os.sendfile
@@ -701,7 +721,7 @@ def zero_copy_server(request, reg, seeded, monkeypatch):
 def test_zero_copy_files_keep_etag_range_and_conditional_semantics(zero_copy_server, seeded):
     """Everything on ONE keep-alive connection: the byte accounting after each sendfile must leave
     the connection usable for the next request."""
-    from registry.server import read_tar
+    from server_helpers import read_tar
 
     url, calls = zero_copy_server
     v1 = seeded["v1"]
@@ -749,7 +769,7 @@ def test_the_fast_path_answers_like_the_fastapi_routes(reg, seeded):
     the same status, body and headers."""
     from fastapi.testclient import TestClient
 
-    from registry.server import create_app
+    from registry.http.app import create_app
 
     fast = TestClient(create_app(reg, token=TOKEN))
     routed = TestClient(create_app(reg, token=TOKEN, fast_reads=False))
@@ -777,7 +797,7 @@ def test_search_follows_adds_and_removals_by_what_changed(reg, seeded):
     from fastapi.testclient import TestClient
 
     from registry.embeddings import embed_texts
-    from registry.server import create_app
+    from registry.http.app import create_app
     from registry.store import Registry
 
     app = create_app(reg, token=TOKEN)
@@ -830,7 +850,8 @@ def test_a_client_that_goes_away_mid_sendfile_leaves_the_server_serving(reg, see
     clients (including one reading at the same time) are served intact."""
     import logging
 
-    from registry.server import ServerThread, create_app
+    from registry.http.app import create_app
+    from server_helpers import ServerThread
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from bench_serve_load import random_lora, write_base_config
