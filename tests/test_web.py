@@ -8,7 +8,6 @@ what they show. Screenshots of every page go to reports/screenshots/ (or $REGIST
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import urllib.error
@@ -16,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import make_tiny_adapter_dir
 
 TOKEN = "page-token-123"
@@ -30,8 +28,9 @@ def server_parts():
     """(ServerThread, create_app), wherever the server lives (registry.http + tests/server_helpers.py,
     formerly registry.server)."""
     try:
-        from registry.http.app import create_app
         from server_helpers import ServerThread
+
+        from registry.http.app import create_app
     except ImportError:
         from registry.server import ServerThread, create_app
     return ServerThread, create_app
@@ -142,6 +141,10 @@ def wait_for(driver, condition, timeout: float = 20):
     return WebDriverWait(driver, timeout).until(lambda d: condition(d))
 
 
+def url_has(text: str):
+    return lambda driver: text in driver.current_url
+
+
 def css(driver, selector):
     from selenium.webdriver.common.by import By
 
@@ -154,7 +157,10 @@ def row_refs(driver, table="adapters") -> list[str]:
 
 def rows_become(driver, expected: list[str], table="adapters") -> None:
     """Wait for a navigation started by a script to show ``expected`` rows, then assert them."""
-    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+    from selenium.common.exceptions import (
+        StaleElementReferenceException,
+        TimeoutException,
+    )
 
     def settled(d):
         try:
@@ -228,7 +234,7 @@ def test_list_loads_filters_and_pages(browser, site):
     seen = [row_refs(browser)]
     while css(browser, "#next"):
         css(browser, "#next")[0].click()
-        wait_for(browser, lambda d, n=len(seen): f"page={n + 1}" in d.current_url)
+        wait_for(browser, url_has(f"page={len(seen) + 1}"))
         seen.append(row_refs(browser))
     assert seen == [["evil@1", "math@1"], ["math@2", "mix@1"], ["rev@1"]]
     assert "per_page=2" in browser.current_url

@@ -243,7 +243,7 @@ def _guarded(renderer: Renderer, handler):
                 log.error("integrity problem: %s", err)
             title = {400: "Bad reference", 404: "Not found"}.get(status, "Registry error")
             return renderer.error(status, title, str(err))
-        except Exception as err:  # noqa: BLE001 - a readable page, never a traceback
+        except Exception as err:
             log.exception("unexpected error on %s", request.url.path)
             return renderer.error(500, "Internal error", f"internal error ({type(err).__name__}); see the server log")
 
@@ -265,7 +265,7 @@ def mount_pages(app, registry, *, reads, follower, model_lock, protect_reads: bo
 
     renderer = Renderer(protect_reads)
     listing = ListCache(registry, reads.stamp)
-    reports_root = Path(reports_dir or os.environ.get("REGISTRY_REPORTS_DIR") or "reports").expanduser()
+    reports_root = Path(reports_dir or os.environ.get("REGISTRY_REPORTS_DIR") or "reports").expanduser().resolve()
     static = StaticFiles(packages=[("registry.web", "static")])
     app.add_middleware(PageAuth, token=token, protect_reads=protect_reads, static=static,
                        render_error=renderer.error)  # added after the guard, so outside it
@@ -290,7 +290,7 @@ def mount_pages(app, registry, *, reads, follower, model_lock, protect_reads: bo
         if page > pages:
             raise PageError(404, "No such page", f"page {page} of {pages}: there are {len(chosen)} matching adapters")
         filters = {"kind": kind, "task": task, "family": family, "base_model": base_model, "tag": tag}
-        link = lambda p: "/?" + _query_string(**filters, page=p, per_page=per_page if per_page != PER_PAGE else None)  # noqa: E731
+        link = lambda p: "/?" + _query_string(**filters, page=p, per_page=per_page if per_page != PER_PAGE else None)
         options = {
             "kind": list(KINDS),
             "task": sorted({a["task"] for a in everything if a["task"]}),
