@@ -32,7 +32,7 @@ def _run(reg, settings, out: Path):
     from evaluation.compare import run_bench
 
     with progress() as bar:
-        task_id = bar.add_task("bench", total=len(settings.held_out) * len(settings.methods), status="")
+        task_id = bar.add_task("bench", total=None, status="")
         return run_bench(reg, settings, out,
                          on_status=lambda text: bar.update(task_id, status=text[:60]),
                          on_progress=lambda done, total: bar.update(task_id, completed=done, total=total))
@@ -40,34 +40,43 @@ def _run(reg, settings, out: Path):
 
 @app.command()
 def bench(
-    held_out: Annotated[Optional[str], typer.Option("--held-out", help="Comma-separated held-out tasks (default: 4 spread over the harvested zoo).")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="Small run: 2 tasks, 30 test items, short generator training.")] = False,
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated subset of base,oracle,training_mean,selection,mixture,fusion,dnd,cvae.")] = None,
+    held_out: Annotated[Optional[str], typer.Option("--held-out", help="Comma-separated held-out tasks (zoo names or .jsonl files): one custom split instead of the protocols.")] = None,
+    protocols: Annotated[str, typer.Option("--protocols", help="Comma-separated protocols: variants (unseen members of seen families), families (whole families held out).")] = "variants,families",
+    variants: Annotated[int, typer.Option("--variants", help="variants: families that lose one member to the held-out set.")] = 6,
+    families: Annotated[int, typer.Option("--families", help="families: whole families held out.")] = 2,
+    members: Annotated[int, typer.Option("--members", help="families: members of each held-out family evaluated.")] = 3,
+    quick: Annotated[bool, typer.Option("--quick", help="Small run: 2 variants, 1 family of 2, 30 test items, short generator training.")] = False,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: all but training_mean): base,oracle,multitask,best_other,training_mean,selection,mixture,fusion,dnd,cvae and the controls dnd_other,dnd_random,cvae_other,cvae_random.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Test items per task (default: all; 30 with --quick).")] = None,
     generator_steps: Annotated[Optional[int], typer.Option("--generator-steps", help="DnD training steps.")] = None,
-    training_mean_max: Annotated[Optional[int], typer.Option("--training-mean-max", help="Training adapters evaluated per held-out task for the training_mean row (spread evenly; default: all).")] = None,
+    cvae_steps: Annotated[Optional[int], typer.Option("--cvae-steps", help="CVAE training steps.")] = None,
+    training_mean_max: Annotated[Optional[int], typer.Option("--training-mean-max", help="Training adapters averaged for training_mean (spread evenly).")] = None,
+    best_other_max: Annotated[Optional[int], typer.Option("--best-other-max", help="Training adapters tried for best_other (family first, then nearest).")] = None,
+    n_prompts: Annotated[int, typer.Option("--n-prompts", help="Train prompts given to the generators and used as the retrieval query.")] = 32,
     k: Annotated[int, typer.Option("-k", help="Adapters retrieved and composed per task.")] = 3,
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated bench tasks, held-out ones included (default: every finished harvest); pins a rerun to the same zoo.")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated bench tasks, zoo names or .jsonl files (default: every finished zoo harvest); pins a rerun to the same zoo.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Report folder (rows are cached here; rerun to resume).")] = Path("reports/bench"),
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
-    """Compare base, oracle, training-adapter mean, retrieval+composition and generation on held-out tasks."""
-    from evaluation.compare import ALL_METHODS, BenchSettings, harvested_tasks, spread_subset
+    """Compare base, oracle, multitask, best other LoRA, retrieval+composition and both generators (with
+    controls) on held-out tasks, per protocol."""
+    from evaluation.compare import DEFAULT_METHODS, BenchSettings
 
+    settings = BenchSettings(held_out=held_out.split(",") if held_out else None,
+                             protocols=[p.strip() for p in protocols.split(",") if p.strip()],
+                             variants=variants, families=families, members_per_family=members,
+                             methods=methods.split(",") if methods else list(DEFAULT_METHODS), k=k,
+                             tasks=tasks.split(",") if tasks else None, n_prompts=n_prompts)
+    if quick:
+        settings.variants, settings.families, settings.members_per_family = 2, 1, 2
+        settings.limit, settings.generator_steps, settings.cvae_steps = 30, 150, 50
+        settings.training_mean_max, settings.best_other_max = 4, 4
+    for name, value in (("limit", limit), ("generator_steps", generator_steps), ("cvae_steps", cvae_steps),
+                        ("training_mean_max", training_mean_max), ("best_other_max", best_other_max)):
+        if value is not None:
+            setattr(settings, name, value)
     with open_registry(home) as reg:
-        zoo = tasks.split(",") if tasks else harvested_tasks(reg)
-        chosen = held_out.split(",") if held_out else spread_subset(zoo, 2 if quick else 4)
-        settings = BenchSettings(held_out=chosen, methods=methods.split(",") if methods else list(ALL_METHODS), k=k,
-                                 tasks=zoo if tasks else None)
-        if quick:
-            settings.limit, settings.generator_steps, settings.training_mean_max = 30, 150, 4
-        if limit is not None:
-            settings.limit = limit
-        if generator_steps is not None:
-            settings.generator_steps = generator_steps
-        if training_mean_max is not None:
-            settings.training_mean_max = training_mean_max
         paths = _run(reg, settings, out)
     _print_report(paths, json_output)
 

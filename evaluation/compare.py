@@ -1,101 +1,118 @@
-"""``registry bench``: generated vs retrieved + composed vs trained adapters on held-out tasks.
+"""``registry bench`` (v2): generated vs retrieved + composed vs trained adapters on held-out tasks.
 
-Leave-tasks-out protocol: the held-out tasks are excluded from generator training; each held-out
-task's own adapters are excluded from the retrieval pool for its rows (other held-out tasks stay in
-the pool, as they would in a real registry). Every method is scored on the same test items of the
-task. Retrieval only looks at ``harvested`` adapters so adapters the bench itself stores never feed
-back into later rows.
+Protocols (``evaluation.protocols``): ``variants`` holds out unseen members of seen families,
+``families`` whole families; both run by default and are reported apart (``--held-out`` runs one
+``custom`` split instead). For each split, everything that learns from tasks sees only the split's
+training tasks: both generators are trained on them, the multitask LoRA is trained on the union of
+their train items, and the retrieval pool is their harvested adapters. Every method is scored on
+the same test items of a held-out task, so differences are paired.
 
-Each (task, method) row is cached as JSON under ``<out>/rows/``, so an interrupted bench resumes.
+Methods: ``base``; ``oracle`` (the task's own harvest); ``multitask`` (Text-to-LoRA's baseline);
+``best_other`` (the best single training-task LoRA on the task's test items: the ceiling of
+selection; candidates are the task's family members, then its nearest adapters, at most
+``best_other_max``); ``training_mean`` (per-item mean over ``training_mean_max`` training LoRAs);
+``selection`` / ``mixture`` / ``fusion`` (what ``registry compose --task T -k K --strategy S`` does
+with this pool); ``dnd`` / ``cvae`` and their controls ``<gen>_other`` (conditioned on another
+held-out task's prompts) and ``<gen>_random`` (random strings of the same lengths).
+
+Each row is cached under ``<out>/rows/`` by a hash of everything that decides it (task items,
+method, split, k, limit, prompts, generator artifact, pool, base) and written atomically, so an
+interrupted bench resumes and a changed setting never reuses a stale row.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
+import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from evaluation.protocols import PROTOCOLS, Split, custom_split, families_split, spread, variants_split
 from evaluation.report import MethodResult, write_report
 
 RETRIEVAL_METHODS = ("selection", "mixture", "fusion")
-ALL_METHODS = ("base", "oracle", "training_mean", *RETRIEVAL_METHODS, "dnd", "cvae")
+GENERATORS = ("dnd", "cvae")
+CONTROLS = tuple(f"{g}_{c}" for g in GENERATORS for c in ("other", "random"))
+ALL_METHODS = ("base", "oracle", "multitask", "best_other", "training_mean", *RETRIEVAL_METHODS, *GENERATORS, *CONTROLS)
+DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "training_mean")
+
+spread_subset = spread  # the name earlier callers use
 
 
 @dataclass
 class BenchSettings:
-    held_out: list[str]
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    held_out: list[str] | None = None  # a custom split; None: the protocols below
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    variants: int = 6                  # families that lose one member (variants protocol)
+    families: int = 2                  # whole families held out (families protocol)
+    members_per_family: int = 3        # members of a held-out family evaluated
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     limit: int | None = None           # test items per task (None: the whole test split)
     k: int = 3
-    tasks: list[str] | None = None     # the bench's task set (default: every finished harvest)
+    tasks: list[str] | None = None     # bench tasks: zoo names or .jsonl files (default: every finished zoo harvest)
     n_prompts: int = 32                # prompts given to the generator / used as the retrieval query
     generator_steps: int = 600
     generator_batch_size: int = 8
-    training_mean_max: int | None = None  # evaluate at most this many training adapters per task
+    cvae_steps: int = 300
+    cvae_options: dict = field(default_factory=dict)  # CVAE architecture options (tests use tiny ones)
+    training_mean_max: int | None = 8
+    best_other_max: int = 12
     batch_size: int = 32
     seed: int = 0
 
 
-def _row_path(out: Path, task: str, method: str) -> Path:
-    return out / "rows" / f"{task}__{method}.json"
+# --------------------------------------------------------------------------------------------
+# Row cache
+# --------------------------------------------------------------------------------------------
 
 
-def _load_row(out: Path, task: str, method: str) -> MethodResult | None:
-    path = _row_path(out, task, method)
-    if not path.exists():
-        return None
-    return MethodResult(**json.loads(path.read_text()))
+def row_key(**decides) -> str:
+    """A short hash of everything that decides a row (JSON with sorted keys)."""
+    return hashlib.sha256(json.dumps(decides, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _save_row(out: Path, result: MethodResult) -> None:
-    path = _row_path(out, result.task, result.method)
+def _row_path(out: Path, task: str, method: str, key: str) -> Path:
+    return out / "rows" / f"{task}__{method}__{key}.json"
+
+
+def _load_row(path: Path) -> MethodResult | None:
+    return MethodResult(**json.loads(path.read_text())) if path.exists() else None
+
+
+def _save_row(path: Path, result: MethodResult) -> None:
+    from registry.atomic import atomic_write_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(result)))
+    atomic_write_json(path, asdict(result))
 
 
-def _scores(result) -> list[float]:
-    return [float(p.score) for p in result.predictions]
+def _items_digest(task, limit: int | None) -> str:
+    items = task.split("test")[:limit] if limit else task.split("test")
+    return hashlib.sha256("\1".join(f"{e.prompt}\0{e.answer}" for e in items).encode()).hexdigest()[:16]
 
 
-def _final_adapter(reg, task: str):
-    """The last kept checkpoint of a task's harvest (its ``final`` alias, else its latest version)."""
-    from registry.errors import NotFound
-
-    adapters = reg.list_adapters(kind="harvested", task=task)
-    if not adapters:
-        raise NotFound(f"task {task} has no harvested adapters: run `registry harvest --task {task}` first")
-    try:
-        return reg.resolve(f"{adapters[-1].name}@final")
-    except NotFound:
-        return adapters[-1]
+# --------------------------------------------------------------------------------------------
+# The bench's tasks
+# --------------------------------------------------------------------------------------------
 
 
-def _generator_without(reg, artifact_type: str, tasks: Sequence[str]) -> str | None:
-    """The newest generator of this type trained on none of ``tasks`` (the bench's held-out tasks,
-    the rule the bench's own DnD generator follows)."""
-    for artifact in reversed(reg.list_artifacts(artifact_type)):
-        if not set(tasks) & set(artifact.meta.get("tasks", [])):
-            return artifact.ref
-    return None
+def _is_multitask(info) -> bool:
+    from harvest.service import MULTITASK_TAG
 
-
-def spread_subset(items: list, count: int | None) -> list:
-    """At most ``count`` of ``items``, spread evenly over the list (all of them when ``count`` is None)."""
-    if count is None or len(items) <= count:
-        return list(items)
-    step = len(items) / count
-    return [items[int(i * step + step / 2)] for i in range(count)]
+    return MULTITASK_TAG in (info.tags or [])
 
 
 def harvested_tasks(reg) -> list[str]:
     """Tasks whose harvest finished (its last checkpoint carries the ``final`` alias), sorted; a harvest
-    still running in another process does not enter the bench half-done."""
+    still running in another process does not enter the bench half-done. Multitask LoRAs are not tasks."""
     from registry.errors import NotFound
 
     complete = set()
-    for task in {a.task for a in reg.list_adapters(kind="harvested") if a.task}:
+    for task in {a.task for a in reg.list_adapters(kind="harvested") if a.task and not _is_multitask(a)}:
         try:
             if reg.resolve(f"{task}@final").task == task:
                 complete.add(task)
@@ -104,123 +121,289 @@ def harvested_tasks(reg) -> list[str]:
     return sorted(complete)
 
 
+def _final_adapter(reg, task: str):
+    """The last kept checkpoint of a task's harvest (its ``final`` alias, else its latest version)."""
+    from registry.errors import NotFound
+
+    adapters = [a for a in reg.list_adapters(kind="harvested", task=task) if not _is_multitask(a)]
+    if not adapters:
+        raise NotFound(f"task {task} has no harvested adapters: run `registry harvest --task {task}` first")
+    try:
+        return reg.resolve(f"{adapters[-1].name}@final")
+    except NotFound:
+        return adapters[-1]
+
+
+def _family(task) -> str | None:
+    from harvest.zoo import family_of
+
+    return family_of(task.name) or task.info.family
+
+
+def random_prompts(prompts: Sequence[str], seed: int) -> list[str]:
+    """Random strings (letters, digits, spaces) of the same lengths as ``prompts``: the control that
+    tells a generator reading its condition from one that ignores it."""
+    rng = random.Random(f"random-prompts:{seed}")
+    alphabet = string.ascii_lowercase + string.digits + "    "
+    return ["".join(rng.choice(alphabet) for _ in range(len(p))) for p in prompts]
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SplitContext:
+    """What one split's rows share: the split, its trained artifacts and its retrieval pool."""
+
+    split: Split
+    base_model: str
+    pool: dict[str, str]                       # training task -> its final adapter REF
+    exclude_from_pool: list[str]               # every harvested task outside the split's training set
+    generators: dict[str, str | None] = field(default_factory=dict)  # dnd/cvae -> artifact REF
+    multitask_ref: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
 def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str], None] = print,
               on_progress: Callable[[int, int], None] | None = None) -> dict[str, Path]:
-    """Run (or resume) the comparison and write the report into ``out``."""
-    from generator.service import train_generator_from_registry
-    from harvest.evaluate import evaluate
-    from harvest.service import resolve_task, sample_prompts
+    """Run (or resume) the comparison for every split and write the report into ``out``."""
+    from harvest.service import resolve_task
     from registry.errors import RegistryError
 
+    unknown = sorted(set(settings.methods) - set(ALL_METHODS))
+    if unknown:
+        raise RegistryError(f"unknown bench method(s): {', '.join(unknown)} (use {', '.join(ALL_METHODS)})")
     out.mkdir(parents=True, exist_ok=True)
     finished = harvested_tasks(reg)
-    zoo = sorted(settings.tasks) if settings.tasks else finished
-    unfinished = [t for t in zoo if t not in finished]
+    specs = list(settings.tasks) if settings.tasks else [t for t in finished if _is_zoo(t)]
+    tasks = {}
+    for spec in specs + list(settings.held_out or []):
+        task = resolve_task(spec)
+        tasks.setdefault(task.name, task)
+    held_names = [resolve_task(s).name for s in settings.held_out] if settings.held_out else None
+    unfinished = [t for t in tasks if t not in finished and t not in (held_names or [])]
     if unfinished:
         raise RegistryError(f"tasks without a finished harvest: {', '.join(unfinished)}")
-    missing = [t for t in settings.held_out if t not in zoo and "oracle" in settings.methods]
-    if missing:
-        raise RegistryError(f"held-out tasks without harvested adapters (needed for the oracle): {', '.join(missing)}")
-    training_tasks = [t for t in zoo if t not in settings.held_out]
-    if len(training_tasks) < 2:
-        raise RegistryError(f"need at least 2 harvested training tasks besides the held-out ones, found {len(training_tasks)}")
+    for name, task in tasks.items():
+        if not task.split("test"):
+            raise RegistryError(f"task {name} has no test items")
+        if len(task.split("train")) < settings.n_prompts and name in (held_names or tasks):
+            raise RegistryError(f"task {name} has {len(task.split('train'))} train items; the generators and "
+                                f"retrieval need {settings.n_prompts} prompts (--n-prompts)")
 
-    base_model = reg.list_adapters(kind="harvested", task=training_tasks[0])[0].base_model
-    generator_ref, generator_seconds = None, None
-    if "dnd" in settings.methods:
-        on_status(f"training the DnD generator on {len(training_tasks)} tasks (held out: {', '.join(settings.held_out)})")
-        start = time.perf_counter()
-        artifact = train_generator_from_registry(
-            reg, name="bench-dnd", exclude_tasks=[t for t in settings.held_out if t in zoo], tasks=training_tasks,
-            steps=settings.generator_steps, batch_size=settings.generator_batch_size, n_prompts=16,
-            seed=settings.seed, on_status=on_status,
-            on_step=lambda step, steps, loss: on_status(f"DnD generator step {step}/{steps}, loss {loss:.4f}"))
-        generator_ref = artifact.ref
-        generator_seconds = artifact.meta.get("wall_time_s", time.perf_counter() - start)
-        on_status(f"generator {generator_ref} ready")
+    families = {name: _family(task) for name, task in tasks.items()}
+    if held_names:
+        splits = [custom_split(list(tasks), held_names)]
+    else:
+        bad = sorted(set(settings.protocols) - set(PROTOCOLS))
+        if bad:
+            raise RegistryError(f"unknown protocol(s): {', '.join(bad)} (use {', '.join(PROTOCOLS)})")
+        try:
+            splits = [variants_split(families, settings.variants) if p == "variants" else
+                      families_split(families, settings.families, settings.members_per_family)
+                      for p in settings.protocols]
+        except ValueError as exc:
+            raise RegistryError(f"{exc} (harvest more zoo tasks or pass --held-out)") from None
 
-    outside_pool = {a.task for a in reg.list_adapters(kind="harvested")} - set(zoo)  # frozen for every row
-    total = len(settings.held_out) * len(settings.methods)
+    total = sum(len(s.held_out) for s in splits) * len(settings.methods)
     done = 0
     results: list[MethodResult] = []
-    for task_name in settings.held_out:
-        task = resolve_task(task_name)
-        prompts = sample_prompts(task, settings.n_prompts, seed=settings.seed)
-        test_kwargs = dict(limit=settings.limit, batch_size=settings.batch_size)
-        base_kwargs = dict(test_kwargs, base=base_model)
-        for method in settings.methods:
-            cached = _load_row(out, task_name, method)
-            if cached is None:
-                on_status(f"{task_name}: {method}")
-                cached = _run_method(reg, method, task, prompts, settings, generator_ref, evaluate,
-                                     training_tasks, test_kwargs, base_kwargs, outside_pool)
-                if cached is not None:
-                    _save_row(out, cached)
-            if cached is not None:
-                results.append(cached)
-            done += 1
-            if on_progress:
-                on_progress(done, total)
-
-    notes = [f"held-out tasks: {', '.join(settings.held_out)}",
-             f"training tasks ({len(training_tasks)}): {', '.join(training_tasks)}",
-             f"retrieval pool: harvested adapters of the {len(zoo)} bench tasks except the row's own; k={settings.k}",
-             f"DnD/query prompts per task: {settings.n_prompts} train-split prompts (fixed seed {settings.seed})"]
-    if "training_mean" in settings.methods:
-        used = spread_subset(training_tasks, settings.training_mean_max)
-        notes.append(f"training_mean: per-item mean over the final adapters of {len(used)} of the "
-                     f"{len(training_tasks)} training tasks ({', '.join(used)})")
-    if generator_ref:
-        notes.append(f"generator {generator_ref}: {settings.generator_steps} steps, trained once in "
-                     f"{generator_seconds:.0f} s (not included in per-task generation time)")
-    cvae_refs = sorted({r.extra["generator"] for r in results if r.method == "cvae" and r.extra.get("generator")})
-    if cvae_refs:
-        notes.append(f"CVAE generator {', '.join(cvae_refs)}: the newest CVAE trained on none of the held-out "
-                     "tasks")
+    notes: list[str] = []
+    for split in splits:
+        context = _prepare_split(reg, split, settings, finished, tasks, on_status)
+        notes += context.notes
+        for task_name in split.held_out:
+            for method in settings.methods:
+                result = _row(reg, out, method, tasks[task_name], split, context, settings, on_status)
+                if result is not None:
+                    results.append(result)
+                done += 1
+                if on_progress:
+                    on_progress(done, total)
     return write_report(results, out, "Generated vs retrieved vs trained adapters on held-out tasks",
-                        asdict(settings), notes)
+                        asdict(settings) | {"splits": [s.to_dict() for s in splits]}, notes)
 
 
-def _run_method(reg, method, task, prompts, settings, generator_ref, evaluate, training_tasks, test_kwargs,
-                base_kwargs, outside_pool: set[str]):
+def _is_zoo(name: str) -> bool:
+    from harvest.zoo import zoo_names
+
+    return name in zoo_names()
+
+
+def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[str], tasks: dict,
+                   on_status) -> _SplitContext:
+    """Train (or reuse) the split's generators and multitask LoRA; fix its retrieval pool."""
+    from registry.errors import RegistryError
+
+    training = [t for t in split.training if t in finished]
+    if len(training) < 2:
+        raise RegistryError(f"{split.protocol}: need at least 2 harvested training tasks, found {len(training)}")
+    pool = {t: _final_adapter(reg, t).ref for t in training}
+    base_model = reg.resolve(pool[training[0]]).base_model
+    all_harvested = {a.task for a in reg.list_adapters(kind="harvested") if a.task}
+    context = _SplitContext(split, base_model, pool, sorted(all_harvested - set(training)))
+    label = split.protocol
+    context.notes.append(f"[{label}] held out: {', '.join(split.held_out)}"
+                         + (f" (families {', '.join(split.held_out_families)})" if split.held_out_families else ""))
+    context.notes.append(f"[{label}] training tasks ({len(training)}) = retrieval pool: their final harvested "
+                         f"adapters; k={settings.k}, one adapter per task")
+    wanted = set(settings.methods)
+    for arch in GENERATORS:
+        if wanted & {arch, f"{arch}_other", f"{arch}_random"}:
+            context.generators[arch] = _train_generator(reg, arch, split, training, settings, on_status)
+            context.notes.append(f"[{label}] {arch} generator {context.generators[arch]}: trained on the "
+                                 f"{len(training)} training tasks")
+    if "multitask" in wanted:
+        from harvest.service import harvest_multitask, resolve_task
+        from harvest.train import HarvestConfig
+
+        recipe = reg.resolve(pool[training[0]]).recipe
+        config = HarvestConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in recipe["config"].items()})
+        members = [tasks[t] if t in tasks else resolve_task(t) for t in training]
+        on_status(f"{label}: multitask LoRA on {len(members)} tasks")
+        summary = harvest_multitask(reg, members, base=base_model, config=config, precision=recipe.get("precision"),
+                                    on_step=lambda s, loss: on_status(f"{label}: multitask step {s}/{config.steps}"))
+        context.multitask_ref = summary.refs[-1]
+        context.notes.append(f"[{label}] multitask LoRA {context.multitask_ref}: {config.steps} steps, rank "
+                             f"{config.rank}, the harvest recipe, on the union of the training tasks' train items")
+    return context
+
+
+def _train_generator(reg, arch: str, split: Split, training: list[str], settings: BenchSettings, on_status) -> str:
+    from generator.service import train_generator_from_registry
+
+    steps = settings.generator_steps if arch == "dnd" else settings.cvae_steps
+    on_status(f"{split.protocol}: training the {arch} generator on {len(training)} tasks")
+    options = dict(batch_size=settings.generator_batch_size, n_prompts=16) if arch == "dnd" else dict(settings.cvae_options)
+    artifact = train_generator_from_registry(
+        reg, name=f"bench-{arch}-{split.protocol}", tasks=training, exclude_tasks=list(split.held_out), steps=steps,
+        seed=settings.seed, arch=arch, on_status=on_status,
+        on_step=lambda step, total, loss: on_status(f"{split.protocol}: {arch} step {step}/{total}, loss {loss:.4f}"),
+        **options)
+    return artifact.ref
+
+
+def _row(reg, out: Path, method: str, task, split: Split, context: _SplitContext, settings: BenchSettings,
+         on_status) -> MethodResult | None:
+    """One (task, method) row: from the cache when everything that decides it is unchanged."""
+    from harvest.service import sample_prompts
+
+    prompts = sample_prompts(task, settings.n_prompts, seed=settings.seed)
+    arch = method.split("_")[0] if method.split("_")[0] in GENERATORS else None
+    key = row_key(task=task.name, items=_items_digest(task, settings.limit), method=method, split=split.to_dict(),
+                  k=settings.k, limit=settings.limit, prompts=prompts, base=context.base_model,
+                  pool=context.pool if method in (*RETRIEVAL_METHODS, "best_other", "training_mean") else None,
+                  generator=context.generators.get(arch) if arch else None,
+                  multitask=context.multitask_ref if method == "multitask" else None,
+                  caps=(settings.best_other_max, settings.training_mean_max))
+    path = _row_path(out, task.name, method, key)
+    cached = _load_row(path)
+    if cached is not None:
+        return cached
+    on_status(f"{split.protocol} / {task.name}: {method}")
+    result = _run_method(reg, method, task, prompts, split, context, settings)
+    if result is not None:
+        result.protocol = split.protocol
+        _save_row(path, result)
+    return result
+
+
+def _scores(result) -> list[float]:
+    return [float(p.score) for p in result.predictions]
+
+
+def _evaluate_ref(reg, task, ref: str, settings: BenchSettings) -> list[float]:
+    from harvest.evaluate import evaluate
+
+    info = reg.resolve(ref)
+    return _scores(evaluate(task, base=info.base_model, adapter=str(reg.fetch(info.ref)), limit=settings.limit,
+                            batch_size=settings.batch_size))
+
+
+def _run_method(reg, method, task, prompts, split: Split, context: _SplitContext,
+                settings: BenchSettings) -> MethodResult | None:
     """Obtain the method's adapter for ``task`` (timed) and score it on the test items."""
+    from harvest.evaluate import evaluate
+
     if method == "base":
-        return MethodResult(task.name, method, _scores(evaluate(task, **base_kwargs)), 0.0, None)
+        scores = _scores(evaluate(task, base=context.base_model, limit=settings.limit, batch_size=settings.batch_size))
+        return MethodResult(task.name, method, scores, 0.0, None)
     if method == "oracle":
-        info = _final_adapter(reg, task.name)
-        result = evaluate(task, base=info.base_model, adapter=str(reg.fetch(info.ref)), **test_kwargs)
-        return MethodResult(task.name, method, _scores(result), info.metrics.get("harvest_seconds"), info.ref)
+        from registry.errors import NotFound
+
+        try:
+            info = _final_adapter(reg, task.name)
+        except NotFound:  # a held-out task nobody harvested: the oracle cell says so, the rest runs
+            return MethodResult(task.name, method, [], None, None, {"missing": f"{task.name} has no harvest"})
+        return MethodResult(task.name, method, _evaluate_ref(reg, task, info.ref, settings),
+                            info.metrics.get("harvest_seconds"), info.ref)
+    if method == "multitask":
+        return MethodResult(task.name, method, _evaluate_ref(reg, task, context.multitask_ref, settings),
+                            reg.resolve(context.multitask_ref).metrics.get("harvest_seconds"), context.multitask_ref)
     if method == "training_mean":
-        adapters = [_final_adapter(reg, t) for t in spread_subset(training_tasks, settings.training_mean_max)]
-        per_adapter = [_scores(evaluate(task, base=a.base_model, adapter=str(reg.fetch(a.ref)), **test_kwargs))
-                       for a in adapters]
+        refs = [context.pool[t] for t in spread(sorted(context.pool), settings.training_mean_max)]
+        per_adapter = [_evaluate_ref(reg, task, ref, settings) for ref in refs]
         item_means = [sum(col) / len(col) for col in zip(*per_adapter)]  # mean over adapters, per item
         return MethodResult(task.name, method, item_means, 0.0, None,
-                            {"adapters": [a.ref for a in adapters],
-                             "accuracy_per_adapter": [sum(s) / len(s) for s in per_adapter]})
+                            {"adapters": refs, "accuracy_per_adapter": [sum(s) / len(s) for s in per_adapter]})
+    if method == "best_other":
+        candidates = _best_other_candidates(reg, task, prompts, context, settings.best_other_max)
+        per_adapter = {ref: _evaluate_ref(reg, task, ref, settings) for ref in candidates}
+        best = max(per_adapter, key=lambda ref: (sum(per_adapter[ref]), ref))
+        return MethodResult(task.name, method, per_adapter[best], 0.0, best,
+                            {"candidates": {ref: sum(s) / len(s) for ref, s in per_adapter.items()}})
     if method in RETRIEVAL_METHODS:
         from retrieval.service import compose_adapter
 
         start = time.perf_counter()
-        info = compose_adapter(reg, prompts, k=settings.k, strategy=method, name=f"bench-{task.name}-{method}",
-                               exclude_tasks=sorted({task.name} | outside_pool), kind="harvested",
-                               one_per_task=True, task=task.name)
+        info = compose_adapter(reg, prompts, k=settings.k, strategy=method,
+                               name=f"bench-{split.protocol}-{task.name}-{method}",
+                               exclude_tasks=context.exclude_from_pool, kind="harvested", one_per_task=True,
+                               task=task.name)
         seconds = time.perf_counter() - start
-        result = evaluate(task, base=info.base_model, adapter=str(reg.fetch(info.ref)), **test_kwargs)
-        return MethodResult(task.name, method, _scores(result), seconds, info.ref,
+        return MethodResult(task.name, method, _evaluate_ref(reg, task, info.ref, settings), seconds, info.ref,
                             {"parents": info.parents})
-    if method in ("dnd", "cvae"):
+    arch, _, control = method.partition("_")
+    if arch in GENERATORS:
         from generator.service import generate_adapter
 
-        ref = generator_ref if method == "dnd" else _generator_without(reg, "generator-cvae", settings.held_out)
-        if ref is None:
-            return None
+        condition = prompts
+        if control == "other":
+            others = [t for t in split.held_out if t != task.name]
+            if not others:
+                return None  # a single held-out task has no other task to borrow prompts from
+            from harvest.service import resolve_task, sample_prompts
+
+            donor = others[split.held_out.index(task.name) % len(others)]
+            condition = sample_prompts(resolve_task(donor), settings.n_prompts, seed=settings.seed)
+        elif control == "random":
+            condition = random_prompts(prompts, settings.seed)
         start = time.perf_counter()
         timings: dict = {}
-        info = generate_adapter(reg, prompts, f"bench-{task.name}-{method}", generator_ref=ref, task=task.name,
-                                timings=timings)
+        info = generate_adapter(reg, condition, f"bench-{split.protocol}-{task.name}-{method}",
+                                generator_ref=context.generators[arch], task=task.name, timings=timings)
         seconds = time.perf_counter() - start
-        result = evaluate(task, base=info.base_model, adapter=str(reg.fetch(info.ref)), **test_kwargs)
-        return MethodResult(task.name, method, _scores(result), seconds, info.ref,
-                            {"generator": ref, "timings": {k: v for k, v in timings.items() if isinstance(v, float)}})
+        extra = {"generator": context.generators[arch],
+                 "timings": {k: v for k, v in timings.items() if isinstance(v, float)}}
+        if control == "other":
+            extra["condition_task"] = donor
+        return MethodResult(task.name, method, _evaluate_ref(reg, task, info.ref, settings), seconds, info.ref, extra)
     raise ValueError(f"unknown method {method}")
+
+
+def _best_other_candidates(reg, task, prompts, context: _SplitContext, limit: int) -> list[str]:
+    """Training LoRAs worth trying on ``task``: its family's members first, then the nearest by
+    retrieval, at most ``limit``."""
+    from retrieval.service import retrieve
+
+    family = _family(task)
+    from harvest.zoo import family_of
+
+    same_family = [context.pool[t] for t in sorted(context.pool) if family and family_of(t) == family]
+    hits = retrieve(reg, prompts, k=min(limit, len(context.pool)), kind="harvested", one_per_task=True,
+                    exclude_tasks=context.exclude_from_pool)
+    nearest = [context.pool[h.adapter.task] for h in hits if h.adapter.task in context.pool]
+    ordered = list(dict.fromkeys(same_family + nearest))
+    return ordered[:limit]

@@ -14,10 +14,11 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harvest.tasks import Task, TaskError
+from harvest.tasks import Task, TaskError, make_task
 from harvest.train import HarvestConfig, peft_config_dict
 
 SAMPLE_PROMPTS = 24
@@ -109,10 +110,12 @@ def check_settings(config: HarvestConfig, base: str | None) -> None:
 
 def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestConfig | None = None,
                  name: str | None = None, on_step=None, device: str | None = None,
-                 precision: str | None = None) -> HarvestSummary:
+                 precision: str | None = None, tags: Sequence[str] = ("harvest",),
+                 recipe_extra: dict | None = None) -> HarvestSummary:
     """Harvest ``task`` into ``reg`` (resuming / skipping what an earlier run already did).
 
-    ``precision`` (auto/fp32/bf16) is resolved here and recorded in every checkpoint's recipe."""
+    ``precision`` (auto/fp32/bf16) is resolved here and recorded in every checkpoint's recipe;
+    ``tags`` and ``recipe_extra`` go onto every checkpoint (the multitask LoRA marks itself so)."""
     from registry import base_models
     from registry import precision as precisions
     from registry.embeddings import embed_texts
@@ -142,9 +145,9 @@ def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestCon
         info = reg.add_weights(
             name, state_dict, peft_config, kind="harvested", base=base, task=task.name,
             task_description=task.description, prompts=prompts, prompt_embeddings=embeddings,
-            metrics={"train_loss": float(loss)}, tags=["harvest"],
+            metrics={"train_loss": float(loss)}, tags=list(tags),
             recipe={"harvest_id": hid, "task": task.name, "step": step, "config": config.to_dict(),
-                    "base": base_id, "precision": precision},
+                    "base": base_id, "precision": precision, **(recipe_extra or {})},
         )
         done[step] = info.ref
 
@@ -161,6 +164,37 @@ def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestCon
                                               "harvest_tokens_per_second": summary.tokens_per_second,
                                               "harvest_resumed_from": result.resumed_from})
     return summary
+
+
+MULTITASK_TAG = "multitask"
+
+
+def multitask_task(tasks: Sequence[Task]) -> Task:
+    """One task whose train split is the union of ``tasks``' train splits, interleaved round-robin
+    (so any step budget sees every task about equally); named by a digest of the member names, so
+    the same training set always gets the same name and harvest id. It has no test split."""
+    names = sorted(t.name for t in tasks)
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise TaskError(f"a multitask LoRA needs at least two distinct tasks, got {', '.join(names) or 'none'}")
+    by_name = {t.name: t.split("train") for t in tasks}
+    union: list = []
+    for i in range(max(len(v) for v in by_name.values())):
+        union += [by_name[n][i] for n in names if i < len(by_name[n])]
+    digest = hashlib.sha256("\0".join(names).encode()).hexdigest()[:10]
+    return make_task(f"multitask-{digest}", union, [], description=f"union of {len(names)} tasks' train items",
+                     metric="exact", source="multitask")
+
+
+def harvest_multitask(reg, tasks: Sequence[Task], *, base: str | None = None, config: HarvestConfig | None = None,
+                      on_step=None, device: str | None = None, precision: str | None = None) -> HarvestSummary:
+    """The multi-task LoRA baseline (Text-to-LoRA's): one LoRA with a harvest's rank, targets and
+    step budget, trained on the union of ``tasks``' train items. Stored as kind ``harvested``,
+    tagged ``multitask``, with its member tasks in the recipe (``multitask_tasks``); resumable and
+    skipped when done, like any harvest."""
+    union = multitask_task(tasks)
+    return harvest_task(reg, union, base=base, config=config, on_step=on_step, device=device, precision=precision,
+                        tags=("harvest", MULTITASK_TAG),
+                        recipe_extra={"multitask_tasks": sorted(t.name for t in tasks)})
 
 
 def evaluate_stored(reg, task: Task, ref: str | None = None, *, base: str | None = None,

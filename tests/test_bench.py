@@ -1,4 +1,4 @@
-"""`registry bench` end to end on the tiny llama: harvest three zoo tasks, hold one out, compare."""
+"""`registry bench` v2 end to end on the tiny llama: two families, both protocols, every method."""
 
 from __future__ import annotations
 
@@ -6,73 +6,112 @@ import json
 
 import pytest
 
+TINY_CVAE = {"positions": 16, "flat_channels": 4, "latent_dim": 8, "cond_embed": 8, "device": "cpu"}
+FAMILIES = {"arithmetic": ("add_sub", "chain_sum", "plus_words"), "counting": ("letter_count", "word_count", "digit_count")}
 
-def test_bench_end_to_end_and_resume(cli, tiny_base_dir, tmp_path, registry_home):
+
+@pytest.fixture(scope="module")
+def harvested(tmp_path_factory, tiny_base_dir):
     from harvest.service import harvest_task, resolve_task
     from harvest.train import HarvestConfig
     from registry.store import Registry
 
+    home = tmp_path_factory.mktemp("bench-home")
     config = HarvestConfig(steps=3, n_checkpoints=2, batch_size=4, rank=4, target_modules=("q_proj", "v_proj"))
-    with Registry.open(registry_home) as reg:
-        for name in ("add_sub", "letter_count", "larger_choice"):
-            harvest_task(reg, resolve_task(name), base=str(tiny_base_dir), config=config)
-    tiny_cvae = ["train-generator", "--arch", "cvae", "--positions", "16", "--flat-channels", "4", "--latent-dim", "8",
-                 "--cond-embed", "8", "--device", "cpu", "--steps", "2"]
-    code, _, err = cli(*tiny_cvae, "--exclude-tasks", "larger_choice")
-    assert code == 0, err
-    code, _, err = cli(*tiny_cvae, "--name", "cvae-all")  # newer, but it saw the held-out task: not used
-    assert code == 0, err
+    with Registry.open(home) as reg:
+        for names in FAMILIES.values():
+            for name in names:
+                harvest_task(reg, resolve_task(name), base=str(tiny_base_dir), config=config)
+    return home
+
+
+def _settings(**changes):
+    from evaluation.compare import BenchSettings
+
+    settings = BenchSettings(variants=2, families=1, members_per_family=2, limit=3, k=2, generator_steps=2,
+                             cvae_steps=2, cvae_options=TINY_CVAE, best_other_max=3, training_mean_max=2, n_prompts=8,
+                             generator_batch_size=2)
+    for key, value in changes.items():
+        setattr(settings, key, value)
+    return settings
+
+
+def test_bench_v2_both_protocols_every_method_and_resume(harvested, tmp_path):
+    from evaluation.compare import ALL_METHODS, run_bench
+    from registry.store import Registry
+
     out = tmp_path / "report"
-    args = ["bench", "--held-out", "larger_choice", "--methods", "base,oracle,training_mean,mixture,fusion,dnd,cvae",
-            "--limit", "3", "--generator-steps", "2", "-k", "2", "--out", out, "--json"]
-    code, stdout, err = cli(*args)
+    with Registry.open(harvested) as reg:
+        paths = run_bench(reg, _settings(methods=list(ALL_METHODS)), out, on_status=lambda s: None)
+        report = json.loads(paths["json"].read_text())
+        splits = {s["protocol"]: s for s in report["settings"]["splits"]}
+        assert set(splits) == {"variants", "families"}
+        assert splits["variants"]["held_out"] == ["chain_sum", "letter_count"]  # the middle member of each family
+        assert splits["families"]["held_out_families"] == ["counting"]
+        assert splits["families"]["held_out"] == ["digit_count", "word_count"]  # 2 of 3 members, spread
+        assert set(splits["families"]["training"]) == set(FAMILIES["arithmetic"])
+        rows = {(r["protocol"], r["task"], r["method"]): r for r in report["rows"]}
+        for protocol, split in splits.items():
+            for task in split["held_out"]:
+                for method in ALL_METHODS:
+                    row = rows[(protocol, task, method)]
+                    assert row["n"] == 3, (protocol, task, method)
+        # the retrieval pool and best_other only use the split's training tasks
+        for (protocol, task, method), row in rows.items():
+            training = set(splits[protocol]["training"])
+            if method == "mixture":
+                assert {p["ref"].split("@")[0] for p in row["extra"]["parents"]} <= training
+            if method == "best_other":
+                assert {ref.split("@")[0] for ref in row["extra"]["candidates"]} <= training
+            if method == "dnd_other":
+                assert row["extra"]["condition_task"] in splits[protocol]["held_out"] and row["extra"]["condition_task"] != task
+        multitask = reg.resolve(rows[("families", "word_count", "multitask")]["adapter_ref"])
+        assert multitask.kind == "harvested" and "multitask" in multitask.tags
+        assert multitask.recipe["multitask_tasks"] == sorted(splits["families"]["training"])
+        for protocol in splits:
+            generator = reg.resolve_artifact(rows[(protocol, splits[protocol]["held_out"][0], "cvae")]["extra"]["generator"])
+            assert not set(generator.meta["tasks"]) & set(splits[protocol]["held_out"])
+        assert set(report["splits"]["variants"]["collapse"]) == {"dnd", "cvae"}
+        text = paths["markdown"].read_text()
+        assert "## Split `variants`" in text and "## Split `families`" in text and "minus multitask" in text
+        assert "bench-dnd-variants@" in text and "multitask LoRA multitask-" in text
+        from evaluation.compare import harvested_tasks
+
+        assert harvested_tasks(reg) == sorted(n for names in FAMILIES.values() for n in names)  # multitask is no task
+
+        # A rerun reuses every row (nothing new stored); a changed setting makes new rows.
+        before = [a.ref for a in reg.list_adapters()]
+        run_bench(reg, _settings(methods=list(ALL_METHODS)), out, on_status=lambda s: None)
+        assert [a.ref for a in reg.list_adapters()] == before
+        n_rows = len(list((out / "rows").glob("*.json")))
+        run_bench(reg, _settings(methods=["base"], limit=2), out, on_status=lambda s: None)
+        assert len(list((out / "rows").glob("*.json"))) == n_rows + 4
+
+
+def test_bench_user_task_file_held_out_without_harvest(harvested, tmp_path, cli, monkeypatch):
+    from harvest.zoo import export_task
+
+    path = export_task("digit_count", tmp_path / "mine.jsonl")
+    meta = json.loads((tmp_path / "mine.jsonl.meta.json").read_text())
+    (tmp_path / "mine.jsonl.meta.json").write_text(json.dumps(meta | {"name": "my_digits"}))
+    out = tmp_path / "r"
+    code, stdout, err = cli("bench", "--home", harvested, "--held-out", str(path), "--methods", "base,oracle,selection",
+                            "--limit", "2", "--n-prompts", "8", "-k", "2", "--out", out, "--json")
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
-    methods = {row["method"]: row for row in report["rows"]}
-    assert set(methods) == {"base", "oracle", "training_mean", "mixture", "fusion", "dnd", "cvae"}
-    assert all(row["n"] == 3 and 0 <= row["accuracy"] <= 1 for row in methods.values())
-    assert methods["training_mean"]["extra"]["adapters"] == ["add_sub@2", "letter_count@2"]
-    assert methods["cvae"]["extra"]["generator"] == "cvae@1"  # the CVAE that never saw larger_choice
-    assert "CVAE generator cvae@1: the newest CVAE trained on none of the held-out tasks" in report["notes"]
-    assert methods["mixture"]["seconds_to_adapter"] > 0 and methods["dnd"]["adapter_ref"].startswith("bench-larger_choice-dnd@")
-    with Registry.open(registry_home) as reg:
-        composed = reg.resolve(methods["mixture"]["adapter_ref"])
-        assert composed.kind == "composed" and all(not p["ref"].startswith("larger_choice") for p in composed.parents)
-        generator = reg.latest_artifact("generator-dnd")
-        assert "larger_choice" not in generator.meta["tasks"]
-    assert (out / "accuracy.png").exists() and (out / "time_vs_accuracy.png").exists()
-    # A rerun resumes from the cached rows: nothing new is stored, also when pinned to the same zoo
-    # while another task's harvest is only half done.
-    with Registry.open(registry_home) as reg:
-        with pytest.raises(KeyboardInterrupt):
-            harvest_task(reg, resolve_task("gcd"), base=str(tiny_base_dir), config=config, on_step=_stop_at(2))
-        assert [a.task for a in reg.list_adapters(task="gcd")] == ["gcd"]  # one checkpoint, no `final`
-        before = [a.ref for a in reg.list_adapters()]
-        artifacts = [a.ref for a in reg.list_artifacts("generator-dnd")]
-    assert cli(*args)[0] == 0
-    assert cli(*args, "--tasks", "add_sub,larger_choice,letter_count")[0] == 0
-    with Registry.open(registry_home) as reg:
-        assert [a.ref for a in reg.list_adapters()] == before
-        assert [a.ref for a in reg.list_artifacts("generator-dnd")] == artifacts
-    code, _, err = cli(*args, "--tasks", "add_sub,larger_choice,gcd")
-    assert code == 1 and err.strip() == "error: tasks without a finished harvest: gcd", err
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["oracle"]["n"] == 0 and rows["oracle"]["extra"]["missing"] == "my_digits has no harvest"
+    assert rows["selection"]["n"] == 2 and "my_digits has no harvest" in (out / "report.md").read_text()
 
 
-def _stop_at(step):
-    def on_step(current, loss):
-        if current == step:
-            raise KeyboardInterrupt
-    return on_step
-
-
-def test_bench_cvae_saw_none_of_the_held_out_tasks():
-    from types import SimpleNamespace
-
-    from evaluation.compare import _generator_without
-
-    artifacts = [SimpleNamespace(ref="cvae@1", meta={"tasks": ["a", "b"]}),
-                 SimpleNamespace(ref="cvae@2", meta={"tasks": ["a", "held2"]})]  # newer, saw another held-out task
-    reg = SimpleNamespace(list_artifacts=lambda artifact_type: artifacts)
-    assert _generator_without(reg, "generator-cvae", ["held1", "held2"]) == "cvae@1"
-    assert _generator_without(reg, "generator-cvae", ["held1"]) == "cvae@2"
-    assert _generator_without(reg, "generator-cvae", ["a"]) is None
+@pytest.mark.parametrize("args, message", [
+    (["--held-out", "nope"], "unknown task 'nope'"),
+    (["--methods", "base,magic"], "unknown bench method(s): magic"),
+    (["--protocols", "weird"], "unknown protocol(s): weird"),
+    (["--tasks", "add_sub,gcd"], "tasks without a finished harvest: gcd"),
+])
+def test_bench_bad_input_is_one_line_and_writes_nothing(harvested, tmp_path, cli, args, message):
+    out = tmp_path / "r"
+    code, _, err = cli("bench", "--home", harvested, *args, "--out", out)
+    assert code != 0 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (out / "report.json").exists()
