@@ -242,8 +242,7 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
         raise RegistryError(f"{split.protocol}: need at least 2 harvested training tasks, found {len(training)}")
     pool = {t: _final_adapter(reg, t).ref for t in training}
     base_model = reg.resolve(pool[training[0]]).base_model
-    all_harvested = {a.task for a in reg.list_adapters(kind="harvested") if a.task}
-    context = _SplitContext(split, base_model, pool, sorted(all_harvested - set(training)))
+    context = _SplitContext(split, base_model, pool, [])
     label = split.protocol
     context.notes.append(f"[{label}] held out: {', '.join(split.held_out)}"
                          + (f" (families {', '.join(split.held_out_families)})" if split.held_out_families else ""))
@@ -268,6 +267,9 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
         context.multitask_ref = summary.refs[-1]
         context.notes.append(f"[{label}] multitask LoRA {context.multitask_ref}: {config.steps} steps, rank "
                              f"{config.rank}, the harvest recipe, on the union of the training tasks' train items")
+    # Fixed after the multitask harvest, so it (and every other non-training harvest) stays out of the pool.
+    all_harvested = {a.task for a in reg.list_adapters(kind="harvested") if a.task}
+    context.exclude_from_pool = sorted(all_harvested - set(training))
     return context
 
 
