@@ -24,7 +24,7 @@ def main() -> None:
     from harvest.service import resolve_task
     from harvest.zoo import zoo_names
     from registry.store import Registry
-    from retrieval.service import retrieval_accuracy
+    from evaluation.accuracy import retrieval_accuracy
 
     reg = Registry.open(args.home)
     harvested = harvested_tasks(reg)

@@ -130,7 +130,8 @@ def train_cvae_from_registry(
     """
     import torch
 
-    from generator.cvae import DEFAULT_KL_WEIGHT, CVAEConfig, CVAEDataset, LoraCVAE, train_cvae
+    from generator.cvae import DEFAULT_KL_WEIGHT, CVAEConfig, LoraCVAE
+    from generator.cvae_training import CVAEDataset, train_cvae
     from generator.task_vector import DEFAULT_MAX_LENGTH, TASK_VECTOR_FORMAT, model_identity, task_vector
     from generator.tokenizer import TokenNormalizer, layout_from_state_dict, stack_token_grids, token_mask
     from generator.training import resolve_device
@@ -249,7 +250,8 @@ def _build_cvae(info, tensors: Mapping, device) -> LoadedGenerator:
     """Check the CVAE artifact's layout, model, normaliser and task vectors agree, then build it."""
     import torch
 
-    from generator.cvae import CVAEConfig, LoraCVAE, check_cvae_layout
+    from generator.cvae import CVAEConfig, LoraCVAE
+    from generator.cvae_training import check_cvae_layout
     from generator.tokenizer import TokenNormalizer, token_mask
 
     meta = info.meta
@@ -296,7 +298,7 @@ def _decode_cvae(loaded: LoadedGenerator, vector, precision: str = "fp32") -> di
     artifact's dtype) either way."""
     import torch
 
-    from generator.cvae import generate_cvae_state_dict
+    from generator.cvae_training import generate_cvae_state_dict
     from registry.precision import autocast
 
     dtype = getattr(torch, str(loaded.meta.get("dtype", "float32")), torch.float32)

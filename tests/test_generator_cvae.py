@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from generator.cvae import (CVAEConfig, CVAEDataset, LoraCVAE, PatchConv, PatchConvTranspose, auto_strides,
-                            check_cvae_layout, cvae_loss, flat_to_state_dict, flatten_tokens, generate,
-                            generate_cvae_state_dict, principal_basis, reconstruct, state_dict_to_flat,
-                            train_cvae, unflatten_tokens)
+from generator.cvae import (CVAEConfig, LoraCVAE, PatchConv, PatchConvTranspose, auto_strides, cvae_loss,
+                            flat_to_state_dict, flatten_tokens, principal_basis, state_dict_to_flat, unflatten_tokens)
+from generator.cvae_training import (CVAEDataset, check_cvae_layout, generate, generate_cvae_state_dict, reconstruct,
+                                     train_cvae)
 from generator.task_vector import TaskVectorCache, prompt_states, task_vector, task_vector_key
 from generator.tokenizer import (TokenNormalizer, layout_from_state_dict, stack_token_grids, state_dict_to_tokens,
                                  token_mask)

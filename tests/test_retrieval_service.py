@@ -343,7 +343,7 @@ def test_routed_accuracy_reports_accuracy_hit_rate_and_throughput(reg, zoo, tiny
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harvest.tasks import Example, make_task
-    from retrieval.service import routed_accuracy
+    from evaluation.accuracy import routed_accuracy
 
     tasks = [make_task(name, [Example(p, "x") for p in TOPICS[name][:2]],
                        [Example(p, "5") for p in QUERIES[name][:2]], metric="contains", max_new_tokens=3)
@@ -366,7 +366,7 @@ def test_routed_accuracy_reports_accuracy_hit_rate_and_throughput(reg, zoo, tiny
 
 
 def test_retrieval_accuracy_counts_distinct_tasks(reg, zoo):
-    from retrieval.service import retrieval_accuracy
+    from evaluation.accuracy import retrieval_accuracy
 
     report = retrieval_accuracy(reg, QUERIES, k=2)
     assert report["n"] == 9 and report["top1_accuracy"] == 1.0 and report["recall@2"] == 1.0
