@@ -122,11 +122,13 @@ def search(
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Only adapters of this base model.")] = None,
     kind: Annotated[Optional[str], typer.Option(help="Only adapters of this kind.")] = None,
     exclude_task: Annotated[list[str], typer.Option("--exclude-task", help="Leave this task's adapters out (repeatable).")] = [],
+    all_versions: Annotated[bool, typer.Option("--all-versions", help="List every matching version (checkpoints of one adapter too), not one per adapter.")] = False,
     wide: WideOption = False,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
-    """Find the adapters whose sample prompts are nearest to a text or a prompts file."""
+    """Find the adapters whose sample prompts are nearest to a text or a prompts file: one row per
+    adapter (its best-scoring version, the newest among equals) unless --all-versions."""
     from registry.errors import RegistryError
     from registry.prompts import read_prompts_file
 
@@ -134,12 +136,26 @@ def search(
         raise RegistryError("give either a TEXT or --prompts FILE")
     query = text if text is not None else read_prompts_file(prompts)
     with open_registry(home) as reg:
-        hits = reg.search(query, k=k, base_model=base_model, kind=kind, exclude_tasks=exclude_task)
+        hits = _search(reg, query, k, all_versions, base_model=base_model, kind=kind, exclude_tasks=exclude_task)
     if json_output:
         print_json([{"score": h.score, **h.adapter.to_dict()} for h in hits])
     else:
         console().print(adapters_table([h.adapter for h in hits], title=f"top {len(hits)}",
                                        scores=[h.score for h in hits], wide=wide))
+
+
+def _search(reg, query, k: int, all_versions: bool, **filters) -> list:
+    """``reg.search`` keeping the first (best) hit of each adapter name unless ``all_versions``;
+    widens the search until ``k`` distinct adapters are found or the index has no more."""
+    if all_versions:
+        return reg.search(query, k=k, **filters)
+    fetch = k
+    while True:
+        hits = reg.search(query, k=fetch, **filters)
+        distinct = list({h.adapter.name: h for h in reversed(hits)}.values())[::-1]  # first hit per name, in order
+        if len(distinct) >= k or len(hits) < fetch:
+            return distinct[:k]
+        fetch *= 4
 
 
 @app.command()

@@ -25,7 +25,7 @@ def compose(
     weight: Annotated[list[float], typer.Option("--weight", help="With --from: one weight per adapter, in order (default uniform).")] = [],
     temperature: Annotated[float, typer.Option(help="Softmax temperature for --weights softmax.")] = 1.0,
     exclude_task: Annotated[list[str], typer.Option("--exclude-task", help="Leave this task's adapters out of the pool (repeatable).")] = [],
-    one_per_task: Annotated[bool, typer.Option("--one-per-task", help="Retrieve k distinct tasks (best checkpoint of each).")] = False,
+    one_per_task: Annotated[bool, typer.Option("--one-per-task/--all-versions", help="k distinct tasks, the best checkpoint of each, so mixture and fusion really mix (default); --all-versions lets checkpoints of one task fill the k slots.")] = True,
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Only adapters of this base model (default: the top hit's).")] = None,
     kind: Annotated[list[str], typer.Option("--kind", help="Pool kinds (repeatable; default: all but composed).")] = [],
     density: Annotated[Optional[float], typer.Option(help="Density in [0, 1] for ties / dare / magnitude_prune.")] = None,
