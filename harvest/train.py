@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from harvest.tasks import Example, Task
+from registry.lm import collate, encode_example  # shared with the generators' SFT objective
 from registry.errors import RegistryError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -218,44 +219,6 @@ def render_prompt(tokenizer, prompt: str) -> str:
     return render(tokenizer, prompt)
 
 
-def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of the chat-rendered example and how many leading ids are prompt (no loss).
-
-    The answer part is what the template puts after the generation prompt (answer + end-of-turn),
-    minus trailing whitespace; the prompt is cut from the left if the whole is too long.
-    """
-    from registry.chat import render_example
-
-    prompt_text = render_prompt(tokenizer, prompt)
-    answer_text = None
-    full = render_example(tokenizer, prompt, answer)
-    if full is not None and full.startswith(prompt_text):
-        answer_text = full[len(prompt_text):].rstrip()
-    if answer_text is None:
-        answer_text = answer + (tokenizer.eos_token or "")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
-    answer_ids = answer_ids[:max_length - 1]
-    keep = max(1, max_length - len(answer_ids))
-    prompt_ids = prompt_ids[-keep:]
-    return prompt_ids + answer_ids, len(prompt_ids)
-
-
-def collate(encoded: list[tuple[list[int], int]], pad_id: int):
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside answers)."""
-    import torch
-
-    width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    for row, (ids, n_prompt) in enumerate(encoded):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention[row, :len(ids)] = 1
-        labels[row, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
-    return input_ids, attention, labels  # (B, T) each
-
-
 # --------------------------------------------------------------------------------------------
 # Model plumbing
 # --------------------------------------------------------------------------------------------
@@ -296,31 +259,10 @@ def save_adapter(out_dir: str | os.PathLike, state_dict: dict, config: HarvestCo
 
 
 def _loss_fn(peft_model):
-    """``loss(input_ids, attention_mask, labels)``: body once, LM head only where labels exist."""
-    import torch.nn.functional as F
+    """``loss(input_ids, attention_mask, labels)`` over the PEFT model's base (``registry.lm.answer_loss``)."""
+    from registry.lm import answer_loss
 
-    inner = peft_model.get_base_model()
-    config = inner.config
-    body = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    head = inner.get_output_embeddings()
-    plain_head = (
-        body is not None and head is not None
-        and not getattr(config, "final_logit_softcapping", None)
-        and getattr(config, "logit_scale", None) in (None, 1, 1.0)
-        and getattr(config, "logits_scaling", None) in (None, 1, 1.0)
-    )
-
-    def loss(input_ids, attention_mask, labels):
-        targets = labels[:, 1:]  # position t predicts token t+1
-        mask = targets != -100  # (B, T-1)
-        if plain_head:
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-            logits = head(hidden[:, :-1][mask])  # (n_answer_tokens, V)
-        else:
-            logits = peft_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
-        return F.cross_entropy(logits.float(), targets[mask])
-
-    return loss
+    return answer_loss(peft_model.get_base_model())
 
 
 def _fingerprint(config: HarvestConfig, base_id: str, examples: list[Example], precision: str = "fp32") -> str:
