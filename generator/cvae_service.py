@@ -7,14 +7,14 @@
     info = generate_adapter(reg, prompts, name="held-out-cvae", generator_ref=artifact.ref)
     state_dict = regenerate_task(reg, artifact.ref, "add_sub")
 
-The CVAE goes through the same doors as DnD (``generator.service``, which holds everything both
-share): ``train_generator_from_registry(arch="cvae")`` calls ``train_cvae_from_registry``, which
+The CVAE is the second ``GeneratorBackend`` (``generator.backend``; ``CVAE`` below) behind the doors of
+``generator.service``, sharing the training set, work folder and artifact loading with DnD: ``train_generator_from_registry(arch="cvae")`` calls ``train_cvae_from_registry``, which
 trains on the same training set, conditioned on per-task *task vectors* from the base model
 (``generator.task_vector``, cached under ``<home>/work/task-vectors/``), resumably, into an artifact
 of type ``generator-cvae`` (``cvae.*`` weights, ``normalizer.*``, ``task_vector.<task>`` for every
 training task). ``generate_adapter`` / ``generate_state_dict_for`` dispatch on the artifact's type
-to ``_generate_cvae`` (prompts -> the base's task vector -> decode z = 0), and
-``load_generator_artifact`` to ``_build_cvae``; ``regenerate_task`` re-creates a training task's
+to ``generate_cvae`` (prompts -> the base's task vector -> decode z = 0), and
+``load_generator_artifact`` to ``build_cvae``; ``regenerate_task`` re-creates a training task's
 adapter from its stored vector, with neither the base model nor a prompt.
 """
 
@@ -22,22 +22,25 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from generator.service import (CVAE_ARTIFACT_TYPE, DEFAULT_LR, DEFAULT_SAVE_EVERY, DEFAULT_STEPS, NORMALIZER_PREFIX,
-                               GeneratorError, GeneratorLayoutError, LoadedGenerator, _check_base,
-                               _checked_layout, _load_prefixed, _model_and_state, _model_for_layout, _sha256_json,
-                               _stored_artifact, _sync, _WorkDir, collect_training_set, generator_peft_config,
-                               load_generator_artifact, resolve_any_generator, resolve_precision, run_chunked_training,
-                               training_meta)
+from generator.artifacts import (CVAE_ARTIFACT_TYPE, NORMALIZER_PREFIX, LoadedGenerator, check_peft_layout,
+                                 checked_layout, frozen, generator_peft_config, load_cached, load_prefixed,
+                                 model_for_layout, resolve_any_generator)
+from generator.backend import check_base, resolve_precision, sync_device
+from generator.dnd_service import DEFAULT_LR, DEFAULT_SAVE_EVERY, DEFAULT_STEPS
+from generator.errors import GeneratorError, GeneratorLayoutError
+from generator.trainset import TrainingSet, collect_training_set
+from generator.workdir import (WorkDir, model_and_state, run_chunked_training, sha256_json, source_version,
+                               stored_artifact, training_meta)
 from registry.errors import RegistryError
 from registry.precision import identity as precision_identity
 
 # The artifact's format, code version and tensor-name prefixes (its type, ``CVAE_ARTIFACT_TYPE``, is
-# ``generator.service``'s, which dispatches on it).
+# ``generator.artifacts``'s, which ``generator.service`` dispatches on).
 CVAE_ARTIFACT_FORMAT = "cvae-generator-artifact/1"
-CVAE_SERVICE_VERSION = "cvae-service/3"
+CVAE_SERVICE_VERSION = "cvae-service/3"  # part of the resume fingerprint: unchanged, old work dirs resume
 CVAE_PREFIX = "cvae."
 TASK_VECTOR_PREFIX = "task_vector."
 # CVAE defaults (``generator.cvae``: one step at batch 4 takes ~0.55 s on 2 CPU threads at SmolLM2 size).
@@ -50,6 +53,7 @@ CVAE_OPTIONS = ("latent_dim", "strides", "channels", "positions", "flat_channels
                 "coefficient_hidden")
 CVAE_TRAINING_OPTIONS = ("chunk_width", "center", "seed", "weight_decay", "grad_clip", "save_every", "base_model",
                          "kl_weight", "max_length", "precision")
+CVAE_SOURCE_FILES = ("tokenizer.py", "cvae.py", "cvae_training.py", "task_vector.py", "training.py", "cvae_service.py")
 
 
 # -----------------------------------------------------------------------------
@@ -57,23 +61,65 @@ CVAE_TRAINING_OPTIONS = ("chunk_width", "center", "seed", "weight_decay", "grad_
 
 
 def cvae_code_version() -> str:
-    """``CVAE_SERVICE_VERSION`` plus a hash of the CVAE path's source files."""
-    digest = hashlib.sha256()
-    folder = Path(__file__).resolve().parent
-    for module in ("tokenizer.py", "cvae.py", "task_vector.py", "training.py", "service.py", "cvae_service.py"):
-        path = folder / module
-        if path.exists():
-            digest.update(path.read_bytes())
-    return f"{CVAE_SERVICE_VERSION}+{digest.hexdigest()[:12]}"
+    """``CVAE_SERVICE_VERSION`` plus a hash of the CVAE path's source files (recorded, not fingerprinted)."""
+    return source_version(CVAE_SERVICE_VERSION, CVAE_SOURCE_FILES)
 
 
-def _split_cvae_config(config: Mapping) -> tuple[dict, dict]:
-    unknown = sorted(set(config) - set(CVAE_OPTIONS) - set(CVAE_TRAINING_OPTIONS))
-    if unknown:
-        raise GeneratorError(f"unknown CVAE option(s): {', '.join(unknown)}")
-    model = {k: config[k] for k in CVAE_OPTIONS if config.get(k) is not None}
-    training = {k: config[k] for k in CVAE_TRAINING_OPTIONS if config.get(k) is not None}
-    return model, training
+@dataclass(frozen=True)
+class CVAESettings:
+    """How a CVAE trains, validated once (``from_options``); the types the old option dict kept are
+    kept (``lr``, ``grad_clip``), so the fingerprint of a call is unchanged."""
+
+    lr: float = DEFAULT_LR
+    batch_size: int = DEFAULT_CVAE_BATCH_SIZE
+    seed: int = 0
+    center: str = "element"
+    kl_weight: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    max_length: int = 512
+    save_every: int = DEFAULT_SAVE_EVERY
+    chunk_width: int | None = None
+    base_model: str | None = None
+    precision: str | None = None
+
+    @classmethod
+    def from_options(cls, steps: int, lr: float, batch_size: int, options: Mapping) -> tuple["CVAESettings", dict]:
+        """(settings, CVAE model options); options set to None take their defaults, unknown ones are refused."""
+        from generator.cvae import DEFAULT_KL_WEIGHT
+        from generator.task_vector import DEFAULT_MAX_LENGTH
+
+        if steps < 1 or batch_size < 1 or lr <= 0:
+            raise GeneratorError("steps and batch size must be >= 1 and lr > 0")
+        unknown = sorted(set(options) - set(CVAE_OPTIONS) - set(CVAE_TRAINING_OPTIONS))
+        if unknown:
+            raise GeneratorError(f"unknown CVAE option(s): {', '.join(unknown)}")
+        model = {k: options[k] for k in CVAE_OPTIONS if options.get(k) is not None}
+        given = {k: options[k] for k in CVAE_TRAINING_OPTIONS if options.get(k) is not None}
+        settings = cls(lr=lr, batch_size=batch_size, seed=int(given.get("seed", 0)),
+                       center=given.get("center", "element"), kl_weight=float(given.get("kl_weight", DEFAULT_KL_WEIGHT)),
+                       weight_decay=float(given.get("weight_decay", 0.0)), grad_clip=given.get("grad_clip", 1.0),
+                       max_length=int(given.get("max_length", DEFAULT_MAX_LENGTH)),
+                       save_every=max(1, int(given.get("save_every", DEFAULT_SAVE_EVERY))),
+                       chunk_width=given.get("chunk_width"), base_model=given.get("base_model"),
+                       precision=given.get("precision"))
+        if settings.kl_weight < 0 or settings.max_length < 1:
+            raise GeneratorError("kl_weight must be >= 0 and max_length >= 1")
+        return settings, model
+
+    def fingerprint_fields(self) -> dict:
+        """The canonical form in the resume fingerprint and the artifact's ``training`` record."""
+        return {"lr": self.lr, "batch_size": self.batch_size, "seed": self.seed, "center": self.center,
+                "kl_weight": self.kl_weight, "weight_decay": self.weight_decay, "grad_clip": self.grad_clip}
+
+
+def cvae_fingerprint(data: TrainingSet, cvae_config: dict, base_identity: str, condition: dict,
+                     settings: CVAESettings, name: str, precision: str) -> str:
+    """The training's identity (its work folder): everything that changes the result but the steps."""
+    return sha256_json({"arch": "cvae", "adapters": [[a["ref"], a["digest"]] for a in data.adapters],
+                        "prompts": data.prompts, "config": cvae_config, "base": base_identity,
+                        "condition": condition, "training": settings.fingerprint_fields(), "name": name,
+                        **precision_identity(precision), "code": CVAE_SERVICE_VERSION})
 
 
 def task_vector_cache(reg):
@@ -130,32 +176,22 @@ def train_cvae_from_registry(
     """
     import torch
 
-    from generator.cvae import DEFAULT_KL_WEIGHT, CVAEConfig, LoraCVAE
+    from generator.cvae import CVAEConfig, LoraCVAE
     from generator.cvae_training import CVAEDataset, train_cvae
-    from generator.task_vector import DEFAULT_MAX_LENGTH, TASK_VECTOR_FORMAT, model_identity, task_vector
+    from generator.task_vector import TASK_VECTOR_FORMAT, model_identity, task_vector
     from generator.tokenizer import TokenNormalizer, layout_from_state_dict, stack_token_grids, token_mask
     from generator.training import resolve_device
     from registry.refs import validate_name
 
     status = on_status or (lambda message: None)
     validate_name(name)
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise GeneratorError("steps and batch size must be >= 1 and lr > 0")
-    model_options, training_options = _split_cvae_config(config)
-    seed = int(training_options.get("seed", 0))
-    save_every = max(1, int(training_options.get("save_every", DEFAULT_SAVE_EVERY)))
-    center = training_options.get("center", "element")
-    weight_decay = float(training_options.get("weight_decay", 0.0))
-    grad_clip = training_options.get("grad_clip", 1.0)
-    kl_weight = float(training_options.get("kl_weight", DEFAULT_KL_WEIGHT))
-    max_length = int(training_options.get("max_length", DEFAULT_MAX_LENGTH))
-    if kl_weight < 0 or max_length < 1:
-        raise GeneratorError("kl_weight must be >= 0 and max_length >= 1")
+    settings, model_options = CVAESettings.from_options(steps, lr, batch_size, config)
+    seed, save_every, kl_weight, max_length = settings.seed, settings.save_every, settings.kl_weight, settings.max_length
 
     status("collecting harvested adapters")
-    data = collect_training_set(reg, tasks, exclude_tasks, base_model=training_options.get("base_model"))
+    data = collect_training_set(reg, tasks, exclude_tasks, base_model=settings.base_model)
     device = resolve_device(device)
-    precision = resolve_precision(training_options.get("precision"), device)  # the training forward's autocast
+    precision = resolve_precision(settings.precision, device)  # the training forward's autocast
     status(f"loading the base model {data.base_model}")
     base, tokenizer = _load_base_for(data.base_model, data.base_fingerprint, device)
     base_identity = model_identity(base)
@@ -171,7 +207,7 @@ def train_cvae_from_registry(
     first = next(iter(data.checkpoints.values()))[0]
     checkpoints_per_task = {t: len(v) for t, v in data.checkpoints.items()}
     try:
-        layout = layout_from_state_dict(first, training_options.get("chunk_width"))
+        layout = layout_from_state_dict(first, settings.chunk_width)
         grids = {}  # task -> (K, T, h, w); each task's state dicts are freed once tokenized
         for task in data.tasks:
             grids[task] = stack_token_grids(data.checkpoints[task], layout)
@@ -180,28 +216,22 @@ def train_cvae_from_registry(
         model_options.setdefault("basis_dim", min(len(data.tasks), MAX_DEFAULT_BASIS_DIM))
         cvae_config = CVAEConfig.from_layout(layout, cond_dim=hidden, **model_options)
         mask = token_mask(layout)
-        normalizer = TokenNormalizer.fit(torch.cat(list(grids.values())), mask, center=center)
+        normalizer = TokenNormalizer.fit(torch.cat(list(grids.values())), mask, center=settings.center)
         dataset = CVAEDataset.from_grids(grids, vectors, normalizer, mask)
     except (ValueError, TypeError) as err:
         raise GeneratorError(f"cannot build a CVAE for these adapters: {err}") from None
     del grids
 
-    settings = {"lr": lr, "batch_size": batch_size, "seed": seed, "center": center, "kl_weight": kl_weight,
-                "weight_decay": weight_decay, "grad_clip": grad_clip}
     condition = {"format": TASK_VECTOR_FORMAT, "max_length": max_length, "chat": True, "hidden_size": hidden}
-    fingerprint = _sha256_json({"arch": "cvae", "adapters": [[a["ref"], a["digest"]] for a in data.adapters],
-                                "prompts": data.prompts, "config": cvae_config.to_dict(), "base": base_identity,
-                                "condition": condition, "training": settings, "name": name,
-                                **precision_identity(precision),
-                                "code": CVAE_SERVICE_VERSION})
-    work = _WorkDir(reg.home / "work" / "generators" / fingerprint[:24])
+    fingerprint = cvae_fingerprint(data, cvae_config.to_dict(), base_identity, condition, settings, name, precision)
+    work = WorkDir(reg.home / "work" / "generators" / fingerprint[:24])
     with work.locked():
         if not resume:
             work.clear()
-        info = _stored_artifact(reg, work, steps, CVAE_ARTIFACT_TYPE, status)
+        info = stored_artifact(reg, work, steps, CVAE_ARTIFACT_TYPE, status)
         if info is not None:
             return info
-        model, state, record = _model_and_state(work, lambda: LoraCVAE(cvae_config), seed, steps)
+        model, state, record = model_and_state(work, lambda: LoraCVAE(cvae_config), seed, steps)
         wall_before = float(record.get("wall_time_s", 0.0)) if record else 0.0
         resumed_from = state.step
         status(f"training on {device}" + (f", resuming at step {resumed_from}" if resumed_from else ""))
@@ -211,7 +241,8 @@ def train_cvae_from_registry(
             record={"fingerprint": fingerprint, "name": name, "arch": "cvae"},
             train_chunk=lambda model, state, target, on_chunk_step: train_cvae(
                 model, dataset, steps=target, lr=lr, batch_size=batch_size, device=device, on_step=on_chunk_step,
-                state=state, seed=seed, kl_weight=kl_weight, weight_decay=weight_decay, grad_clip=grad_clip,
+                state=state, seed=seed, kl_weight=kl_weight, weight_decay=settings.weight_decay,
+                grad_clip=settings.grad_clip,
                 precision=precision))
 
         meta = {
@@ -220,7 +251,7 @@ def train_cvae_from_registry(
             "code_version": cvae_code_version(),
             "config": cvae_config.to_dict(),
             **training_meta(data, layout, exclude_tasks, checkpoints_per_task, state, {
-                **settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
+                **settings.fingerprint_fields(), "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
                 "device": str(device), "fingerprint": fingerprint, "precision": precision}),
             "base_identity": base_identity,
             "condition": condition,
@@ -243,10 +274,10 @@ def train_cvae_from_registry(
 
 
 # -----------------------------------------------------------------------------
-# loading a stored CVAE (``load_generator_artifact`` dispatches here)
+# loading a stored CVAE (``generator.service.load_generator_artifact`` dispatches here)
 
 
-def _build_cvae(info, tensors: Mapping, device) -> LoadedGenerator:
+def build_cvae(info, tensors: Mapping, device) -> LoadedGenerator:
     """Check the CVAE artifact's layout, model, normaliser and task vectors agree, then build it."""
     import torch
 
@@ -256,11 +287,11 @@ def _build_cvae(info, tensors: Mapping, device) -> LoadedGenerator:
 
     meta = info.meta
     bad = f"generator {info.ref} is unusable"
-    layout = _checked_layout(info, CVAE_ARTIFACT_FORMAT)
-    model = _model_for_layout(info, lambda: LoraCVAE(CVAEConfig.from_dict(meta["config"])), check_cvae_layout,
+    layout = checked_layout(info, CVAE_ARTIFACT_FORMAT)
+    model = model_for_layout(info, lambda: LoraCVAE(CVAEConfig.from_dict(meta["config"])), check_cvae_layout,
                               layout, "CVAE")
     config = model.config
-    _load_prefixed(model, tensors, CVAE_PREFIX, info, "CVAE")
+    load_prefixed(model, tensors, CVAE_PREFIX, info, "CVAE")
     mask = token_mask(layout)
     try:
         normalizer = TokenNormalizer(tensors[f"{NORMALIZER_PREFIX}mean"], tensors[f"{NORMALIZER_PREFIX}std"], mask)
@@ -275,15 +306,8 @@ def _build_cvae(info, tensors: Mapping, device) -> LoadedGenerator:
                              f"({', '.join(meta.get('tasks', []))})")
     if any(tuple(v.shape) != (config.cond_dim,) for v in vectors.values()):
         raise GeneratorLayoutError(f"{bad}: task vectors are not of size {config.cond_dim}")
-    peft = meta.get("peft_config", {})
-    if sorted(peft.get("target_modules") or []) != layout.target_modules:
-        raise GeneratorLayoutError(f"{bad}: target_modules {peft.get('target_modules')} do not match the layout "
-                                   f"{layout.target_modules}")
-    if not peft.get("rank_pattern") and {m.rank for m in layout.modules} != {peft.get("r")}:
-        raise GeneratorLayoutError(f"{bad}: r={peft.get('r')} does not match the layout's ranks")
-    model = model.to(device).eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
+    check_peft_layout(info, layout)
+    model = frozen(model, device)
     return LoadedGenerator(ref=info.ref, sha256=info.sha256, meta=meta, model=model, layout=layout,
                            normalizer=normalizer, device=torch.device(device), task_vectors=vectors, arch="cvae")
 
@@ -307,17 +331,16 @@ def _decode_cvae(loaded: LoadedGenerator, vector, precision: str = "fp32") -> di
                                         loaded.layout, dtype=dtype)
 
 
-def _generate_cvae(reg, prompts: list[str], info, base_model, device, pooled: bool, precision: str | None = None):
+def generate_cvae(reg, prompts: list[str], info, base_model, device, pooled: bool, precision: str | None = None):
     """The CVAE path of ``generate_state_dict_for`` / ``generate_adapter``: prompts -> the base's task
     vector -> decode z = 0. Returns (state dict, peft config, timings, None). ``precision`` applies to
     the decoding; the task vector is the base model's in fp32 (it is cached per prompts, so one
     prompt set always gives one vector)."""
-    from generator.service import resolve_precision
     from generator.task_vector import task_vector
 
     start = time.perf_counter()
-    _check_base(info.meta, info.ref, base_model)
-    loaded, cached = load_generator_artifact(reg, info, device)
+    check_base(info.meta, info.ref, base_model)
+    loaded, cached = _load(reg, info, device)
     meta = loaded.meta
     precision = resolve_precision(precision, loaded.device)
     t_loaded = time.perf_counter()
@@ -331,7 +354,7 @@ def _generate_cvae(reg, prompts: list[str], info, base_model, device, pooled: bo
     condition = meta.get("condition", {})
     vector = task_vector(base, tokenizer, prompts, max_length=condition.get("max_length", 512),
                          cache=task_vector_cache(reg))  # (H,)
-    _sync(loaded.device)
+    sync_device(loaded.device)
     t_vector = time.perf_counter()
     state_dict = _decode_cvae(loaded, vector, precision)
     t_decoded = time.perf_counter()
@@ -341,6 +364,12 @@ def _generate_cvae(reg, prompts: list[str], info, base_model, device, pooled: bo
                "device": str(loaded.device), "arch": "cvae", "precision": precision,
                "task_vector_sha256": _vector_digest(vector)}
     return state_dict, generator_peft_config(meta), timings, None
+
+
+def _load(reg, info, device) -> tuple[LoadedGenerator, bool]:
+    from generator.training import resolve_device
+
+    return load_cached(reg, info, resolve_device(device), build_cvae)
 
 
 def _resolve_cvae(reg, generator_ref):
@@ -364,10 +393,9 @@ def regenerate_task(reg, generator_ref: str | None, task: str, device=None, prec
     adapters it was trained on). ``generator_peft_config(info.meta)`` gives the matching config.
     ``precision`` (``auto`` when None, ``fp32``, ``bf16``) is the decoding's, as in ``generate_adapter``.
     """
-    from generator.service import resolve_precision
 
     info = _resolve_cvae(reg, generator_ref)
-    loaded, _ = load_generator_artifact(reg, info, device)
+    loaded, _ = _load(reg, info, device)
     if task not in loaded.task_vectors:
         raise GeneratorError(f"generator {loaded.ref} was not trained on task {task!r} "
                              f"(its tasks: {', '.join(sorted(loaded.task_vectors))})")
@@ -379,12 +407,11 @@ def regenerate_adapter(reg, generator_ref: str | None, task: str, name: str, dev
     """``regenerate_task`` stored as a new ``generated`` adapter version (task recorded; the recipe
     names the generator, its digest, the stored task vector's sha256 and the resolved precision).
     Returns its ``AdapterInfo``."""
-    from generator.service import resolve_precision
     from registry.refs import validate_name
 
     validate_name(name)
     info = _resolve_cvae(reg, generator_ref)
-    loaded, _ = load_generator_artifact(reg, info, device)
+    loaded, _ = _load(reg, info, device)
     precision = resolve_precision(precision, loaded.device)
     state_dict = regenerate_task(reg, info, task, device, precision)
     recipe = {"generator": info.ref, "generator_digest": info.sha256, "generator_type": CVAE_ARTIFACT_TYPE,
@@ -393,3 +420,22 @@ def regenerate_adapter(reg, generator_ref: str | None, task: str, name: str, dev
     return reg.add_weights(name, state_dict, generator_peft_config(info.meta), kind="generated", task=task,
                            tags=tags, recipe=recipe, parents=[])
 
+
+class CVAEBackend:
+    """ICM-LoRA's CVAE behind the ``GeneratorBackend`` interface (``generator.backend``)."""
+
+    arch = "cvae"
+    artifact_type = CVAE_ARTIFACT_TYPE
+    default_batch_size = DEFAULT_CVAE_BATCH_SIZE
+
+    def train(self, reg, *, n_prompts=None, **arguments):  # the CVAE conditions on a task vector: no n_prompts
+        return train_cvae_from_registry(reg, **arguments)
+
+    def build(self, info, tensors, device) -> LoadedGenerator:
+        return build_cvae(info, tensors, device)
+
+    def generate(self, reg, prompts, info, base_model, device, pooled, precision=None):
+        return generate_cvae(reg, prompts, info, base_model, device, pooled, precision)
+
+
+CVAE = CVAEBackend()

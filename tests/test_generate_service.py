@@ -294,7 +294,7 @@ def test_bf16_generation_is_close_to_fp32_and_records_its_precision(reg, harvest
 
 
 def test_decode_plan_equals_denormalize_then_tokens_to_state_dict():
-    from generator.service import DecodePlan
+    from generator.decode import DecodePlan
     from generator.tokenizer import TokenNormalizer, layout_from_state_dict, stack_token_grids, token_mask, tokens_to_state_dict
 
     g = torch.Generator().manual_seed(0)
@@ -332,7 +332,7 @@ def test_decode_plan_equals_denormalize_then_tokens_to_state_dict():
 ])
 def test_mean_decode_equals_the_mean_of_the_forward(shapes):
     from generator.dnd import DnDConfig, DnDDecoder
-    from generator.service import _mean_decode
+    from generator.dnd_service import _mean_decode
 
     torch.manual_seed(0)
     if shapes is None:

@@ -1,0 +1,116 @@
+"""The training set every generator trains on: the registry's harvested adapters of one base model
+and one layout, grouped by task, with their stored prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+from generator.errors import GeneratorError
+
+PEFT_FIELDS = ("r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern")
+
+
+@dataclass
+class TrainingSet:
+    """The harvested adapters a generator trains on, grouped by task.
+
+    Unpacks as ``checkpoints, prompts, adapters = collect_training_set(...)``.
+    """
+
+    checkpoints: dict[str, list[dict]]   # task -> state dicts, in (name, version) order
+    prompts: dict[str, list[str]]        # task -> union of its adapters' stored prompts
+    adapters: list[dict]                 # [{"ref", "digest", "task"}] in training order
+    base_model: str
+    base_fingerprint: str
+    registry_layout: str                 # the registry's layout fingerprint of these adapters
+    peft_fields: dict                    # r, lora_alpha, target_modules, use_rslora (+ patterns)
+    dtype: str = "float32"
+
+    def __iter__(self) -> Iterator:
+        return iter((self.checkpoints, self.prompts, self.adapters))
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.checkpoints)
+
+def _describe_group(infos) -> str:
+    first = infos[0]
+    return (f"{first.base_model} r={first.rank} {','.join(first.target_modules)} "
+            f"({len(infos)} adapters, tasks {', '.join(sorted({i.task for i in infos}))})")
+
+def peft_fields(config: Mapping) -> dict:
+    fields = {}
+    for key in PEFT_FIELDS:
+        value = config.get(key)
+        if key in ("rank_pattern", "alpha_pattern") and not value:
+            continue
+        if key == "target_modules" and isinstance(value, (list, tuple, set)):
+            value = sorted(value)
+        if key == "use_rslora":
+            value = bool(value)
+        fields[key] = value
+    return fields
+
+def collect_training_set(reg, tasks: Sequence[str] | None = None, exclude_tasks: Sequence[str] = (),
+                         base_model: str | None = None) -> TrainingSet:
+    """All harvested adapters (with a task) of one base model and one layout, grouped by task.
+
+    ``tasks`` keeps only those tasks, ``exclude_tasks`` drops tasks (held out), ``base_model``
+    keeps one base. Refuses a set that spans several base models or layouts, unknown task names,
+    tasks without stored prompts, disagreeing PEFT settings, and fewer than two tasks.
+    """
+    from registry import base_models
+
+    wanted = None if tasks is None else list(dict.fromkeys(tasks))
+    excluded = set(exclude_tasks)
+    if wanted is not None and excluded & set(wanted):
+        raise GeneratorError(f"tasks both kept and excluded: {', '.join(sorted(excluded & set(wanted)))}")
+    harvested = [a for a in reg.list_adapters(kind="harvested", base_model=base_model) if a.task]
+    if not harvested:
+        where = f" for base model {base_model}" if base_model else ""
+        raise GeneratorError(f"no harvested adapters with a task{where}: run `registry harvest` first")
+    known = {a.task for a in harvested}
+    for label, names in (("--tasks", wanted or []), ("--exclude-tasks", sorted(excluded))):
+        unknown = [t for t in names if t not in known]
+        if unknown:
+            raise GeneratorError(f"{label}: no harvested adapters for task(s) {', '.join(unknown)} "
+                                 f"(known: {', '.join(sorted(known))})")
+    chosen = [a for a in harvested if a.task not in excluded and (wanted is None or a.task in wanted)]
+
+    groups: dict[tuple[str, str], list] = {}
+    for info in chosen:
+        groups.setdefault((info.base_model, info.layout_fingerprint), []).append(info)
+    if len(groups) > 1:
+        described = "; ".join(_describe_group(g) for g in groups.values())
+        hint = ("pick one with --base-model" if len({b for b, _ in groups}) > 1
+                else "pick one layout with --tasks / --exclude-tasks")
+        raise GeneratorError(f"harvested adapters do not share one base model and layout: {described}; {hint}")
+    (base_id, registry_layout), infos = next(iter(groups.items()))
+    task_names = sorted({i.task for i in infos})
+    if len(task_names) < 2:
+        raise GeneratorError(f"a generator needs harvested adapters of at least 2 tasks, found {len(task_names)}"
+                             f" ({', '.join(task_names)})")
+
+    checkpoints: dict[str, list[dict]] = {t: [] for t in task_names}
+    prompts: dict[str, list[str]] = {t: [] for t in task_names}
+    adapters, peft, dtypes = [], None, set()
+    for info in sorted(infos, key=lambda i: (i.task, i.name, i.version)):
+        state_dict, config = reg.load_weights(info.ref)
+        fields = peft_fields(config)
+        if peft is None:
+            peft = fields
+        elif fields != peft:
+            raise GeneratorError(f"{info.ref} has LoRA settings {fields}, other training adapters have {peft}")
+        dtypes |= {str(v.dtype).removeprefix("torch.") for v in state_dict.values()}
+        checkpoints[info.task].append(state_dict)
+        prompts[info.task].extend(p for p in reg.prompts(info.ref) if p not in prompts[info.task])
+        adapters.append({"ref": info.ref, "digest": info.digest, "task": info.task})
+    empty = [t for t in task_names if not prompts[t]]
+    if empty:
+        raise GeneratorError(f"task(s) {', '.join(empty)} have no stored prompts to condition on")
+    fingerprints = {i.base_fingerprint for i in infos}
+    return TrainingSet(checkpoints=checkpoints, prompts=prompts, adapters=adapters,
+                       base_model=base_models.base_model_id(base_id), base_fingerprint=min(fingerprints),
+                       registry_layout=registry_layout, peft_fields=peft,
+                       dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
