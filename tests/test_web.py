@@ -248,6 +248,9 @@ def test_list_loads_filters_and_pages(browser, site):
 
 
 def test_search_returns_the_nearest_adapters_as_registry_search(browser, site):
+    from cli.registry_commands import _search  # what `registry search` lists
+
+    reg = site["reg"]
     browser.get(site["url"] + "/search")
     box = css(browser, "#q")[0]
     box.send_keys("Reverse the word dog.")
@@ -255,16 +258,23 @@ def test_search_returns_the_nearest_adapters_as_registry_search(browser, site):
     wait_for(browser, lambda d: css(d, "#hits"))
     refs = row_refs(browser, "hits")
     assert refs[0] == "rev@1"
-    expected = site["reg"].search("Reverse the word dog.", k=5)  # what `registry search` prints
+    expected = _search(reg, "Reverse the word dog.", 5, False)
     assert refs == [h.adapter.ref for h in expected]
     scores = [cell.text for cell in css(browser, "#hits td.score")]
     assert scores == [f"{h.score:.4f}" for h in expected]
     shot(browser, "search")
 
-    browser.get(site["url"] + "/search?q=What+is+3+plus+4%3F&k=2&kind=imported")
-    assert row_refs(browser, "hits") == [h.adapter.ref for h in site["reg"].search("What is 3 plus 4?", k=2,
-                                                                                   kind="imported")]
-    assert len(row_refs(browser, "hits")) == 2
+    # math@1 and math@2 share their prompts: one row per adapter (the newest among equal scores)...
+    query = "/search?q=What+is+3+plus+4%3F&k=2&kind=imported"
+    browser.get(site["url"] + query)
+    assert row_refs(browser, "hits") == ["math@2", "rev@1"]
+    assert row_refs(browser, "hits") == [h.adapter.ref for h in _search(reg, "What is 3 plus 4?", 2, False,
+                                                                        kind="imported")]
+    # ... unless every version is asked for, as `registry search --all-versions`
+    browser.get(site["url"] + query + "&all_versions=1")
+    assert row_refs(browser, "hits") == ["math@2", "math@1"]
+    assert row_refs(browser, "hits") == [h.adapter.ref for h in reg.search("What is 3 plus 4?", k=2, kind="imported")]
+    assert css(browser, "input[name=all_versions]")[0].is_selected()
     assert console_errors(browser) == []
 
 
@@ -419,6 +429,7 @@ def test_protected_server_refuses_pages_without_token(browser, site):
     ("/search?q=cats&k=0", 400),
     ("/search?q=cats&k=many", 400),
     ("/search?q=cats&kind=bogus", 400),
+    ("/search?q=cats&all_versions=yes", 400),
     ("/search?q=cats&base_model=%2Fetc", 400),
     ("/search?q=" + "x" * 10_001, 400),
     ("/bench?report=..%2F..", 404),

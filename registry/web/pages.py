@@ -3,7 +3,8 @@
     GET /                         the adapters, filtered (kind, task, family, base model, tag) and paged
     GET /adapters/{ref}           one adapter: metadata, versions, aliases, digest, prompts, metrics,
                                   lineage graph, how to fetch it
-    GET /search?q=TEXT&k=5        the nearest adapters with their scores (``Registry.search``)
+    GET /search?q=TEXT&k=5        the nearest adapters with their scores, as ``registry search`` lists
+                                  them (one per name; ``&all_versions=1`` for every version)
     GET /generators               the trained generators, their training tasks and loss curves
     GET /bench[?report=ID]        the latest bench report's tables and plots (or the one named)
     GET /bench/files/{png}?report=ID  a plot of a report
@@ -136,6 +137,28 @@ def _kind(request: Request) -> str | None:
     if kind is not None and kind not in KINDS:
         raise PageError(400, "Bad query", f"unknown kind {kind!r}: one of {', '.join(KINDS)}")
     return kind
+
+
+def _flag(request: Request, key: str) -> bool:
+    value = _one(request, key)
+    if value not in (None, "1", "0"):
+        raise PageError(400, "Bad query", f"{key} is 1 or 0, not {value!r}")
+    return value == "1"
+
+
+def search_hits(registry, query, k: int, all_versions: bool, **filters) -> list:
+    """What ``registry search`` lists: one hit per adapter name (its best-scoring version, the
+    newest among equals), the search widened until ``k`` names are found; every matching version
+    with ``all_versions``. The same rule as ``cli.registry_commands._search`` (a test compares)."""
+    if all_versions:
+        return registry.search(query, k=k, **filters)
+    fetch = k
+    while True:
+        hits = registry.search(query, k=fetch, **filters)
+        distinct = list({h.adapter.name: h for h in reversed(hits)}.values())[::-1]  # first hit per name, in order
+        if len(distinct) >= k or len(hits) < fetch:
+            return distinct[:k]
+        fetch *= 4
 
 
 def family_of(adapter: dict) -> str | None:
@@ -341,18 +364,20 @@ def mount_pages(app, registry, *, reads, follower, model_lock, protect_reads: bo
         hits, base_models = None, sorted({a["base_model"] for a in await run_in_threadpool(listing.adapters)})
         if base_model is not None and base_model not in base_models:
             raise PageError(400, "Bad query", f"no stored adapter has the base model {base_model!r}")
+        all_versions = _flag(request, "all_versions")
         if queries:
             def run():
                 with model_lock:
                     follower.catch_up()
-                    return registry.search(queries if len(queries) > 1 else queries[0], k=k, base_model=base_model,
-                                           kind=kind, exclude_tasks=exclude)
+                    return search_hits(registry, queries if len(queries) > 1 else queries[0], k, all_versions,
+                                       base_model=base_model, kind=kind, exclude_tasks=exclude)
 
             hits = [{"score": h.score, **h.adapter.to_dict()} for h in await run_in_threadpool(run)]
             for hit in hits:
                 hit["family"] = family_of(hit)
         return renderer.page("search.html", nav="search", title="Search", queries=queries, k=k, kind=kind,
-                             kinds=KINDS, base_model=base_model, base_models=base_models, exclude=exclude, hits=hits)
+                             kinds=KINDS, base_model=base_model, base_models=base_models, exclude=exclude, hits=hits,
+                             all_versions=all_versions)
 
     route("/search", search_page)
 
