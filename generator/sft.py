@@ -1,0 +1,253 @@
+"""The SFT objective for the DnD decoder: train it through the frozen base model (Text-to-LoRA).
+
+Reconstruction (``generator.training``) regresses the decoder onto harvested weights, and harvested
+LoRAs of similar tasks are not close in weight space (``B A = (B R)(R^-1 A)``), so it learns the
+mean adapter. Here the decoder is trained on what an adapter is *for*: the generated LoRA is
+plugged into the frozen base model and the loss is the next-token cross-entropy on the answers of
+the task's train items; gradients reach only the decoder. The condition is a group of the task's
+prompts (prompts only, never answers), exactly as at generation time.
+
+The generated adapter is parametrised as a residual on a strong generic adapter (``ResidualHead``)::
+
+    W(c) = anchor + gate * scale * D(c)        # (T, h, w) token grid of LoRA weights
+
+``anchor`` is a fixed token grid: the multitask LoRA of the training tasks when there is one, so
+training starts from the strongest adapter a single LoRA can be (``gate`` then starts at 0.1, a
+residual of a tenth of the anchor's size); otherwise a fixed random A with B = 0, PEFT's own LoRA
+initialisation (``gate`` starts at 1). A generated A and B that both start near zero would make
+each other's gradient vanish, which is why there is always a non-zero A to start from. ``scale``
+is the per-module RMS of the anchor (``default_scale`` for a module that is zero, such as B), so
+the decoder works in units of each module's own size; ``D`` is the hyper-convolutional decoder. The padding of the token
+grid is masked to zero. A step draws several tasks; each gets its own generated LoRA and one
+forward pass over a few of its train items.
+
+The LoRA is applied functionally: forward hooks on the base model's target linears add
+``scaling * (x A^T) B^T`` with A and B sliced out of the token grid, so no PEFT wrapper is
+rebuilt per step and the graph runs from the loss back into the decoder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from generator.dnd import DnDDecoder
+from generator.tokenizer import LoraLayout, token_mask, tokens_to_matrix
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class SFTTask:
+    """One training task for the SFT objective: its prompts' embeddings and its encoded train items."""
+
+    name: str
+    condition: Tensor                                 # (P, L, C) prompt-token embeddings (prompts only)
+    examples: list[tuple[list[int], int]] = field(default_factory=list)  # (token ids, prompt length)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights: token grid -> LoRA factors (differentiable)
+# --------------------------------------------------------------------------------------------
+
+
+def lora_factors(weights: Tensor, layout: LoraLayout) -> dict[str, tuple[Tensor, Tensor]]:
+    """Token grid (T, h, w) of weights -> {module prefix: (A (r, in), B (out, r))}, keeping the graph."""
+    factors = {}
+    for m in layout.modules:
+        a = tokens_to_matrix(weights[m.a_start:m.a_start + m.a_tokens], m.rank, m.in_features)   # (r, in)
+        bt = tokens_to_matrix(weights[m.b_start:m.b_start + m.b_tokens], m.rank, m.out_features)  # (r, out)
+        factors[m.prefix] = (a, bt.T)
+    return factors
+
+
+def module_rms(weights: Tensor, layout: LoraLayout, floor: float = 1e-4) -> Tensor:
+    """(T, 1, 1): the RMS of the matrix (A or B^T) each token belongs to (``floor`` where it is ~zero)."""
+    scale = torch.full((weights.shape[0], 1, 1), floor, dtype=weights.dtype)
+    mask = token_mask(layout)
+    for m in layout.modules:
+        for start, count in ((m.a_start, m.a_tokens), (m.b_start, m.b_tokens)):
+            values = weights[start:start + count][mask[start:start + count]]
+            rms = values.pow(2).mean().sqrt().item() if values.numel() else 0.0
+            scale[start:start + count] = rms if rms > floor else floor
+    return scale
+
+
+def random_a_anchor(layout: LoraLayout, seed: int = 0) -> Tensor:
+    """(T, h, w): A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's Kaiming-uniform bound), B = 0, padding 0."""
+    from generator.tokenizer import matrix_to_tokens
+
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.zeros(layout.shape)
+    for m in layout.modules:
+        bound = 1 / math.sqrt(m.in_features)
+        a = (torch.rand(m.rank, m.in_features, generator=generator) * 2 - 1) * bound  # (r, in)
+        grid[m.a_start:m.a_start + m.a_tokens] = matrix_to_tokens(a, layout.chunk_width, layout.token_height)
+    return grid
+
+
+class ResidualHead(nn.Module):
+    """W(c) = anchor + gate * scale * D(c), padding masked to zero (see the module docstring)."""
+
+    def __init__(self, layout: LoraLayout, anchor: Tensor | None = None, gate: float | None = None,
+                 default_scale: float = 0.01, seed: int = 0):
+        super().__init__()
+        fresh = anchor is None
+        anchor = random_a_anchor(layout, seed) if fresh else anchor.detach().float().cpu()
+        if tuple(anchor.shape) != layout.shape:
+            raise ValueError(f"anchor {tuple(anchor.shape)} does not match layout {layout.shape}")
+        scale = module_rms(anchor, layout, floor=default_scale)
+        gate = (1.0 if fresh else 0.1) if gate is None else gate
+        self.register_buffer("anchor", anchor)                           # (T, h, w)
+        self.register_buffer("scale", scale)                             # (T, 1, 1)
+        self.register_buffer("mask", token_mask(layout).float())         # (T, h, w)
+        self.gate = nn.Parameter(torch.tensor(float(gate)))
+
+    def forward(self, decoded: Tensor) -> Tensor:
+        """(..., T, h, w) decoder output -> (..., T, h, w) LoRA weights."""
+        return (self.anchor + self.gate * self.scale * decoded.float()) * self.mask
+
+
+# --------------------------------------------------------------------------------------------
+# The base model with a LoRA applied through hooks
+# --------------------------------------------------------------------------------------------
+
+
+class FunctionalLora:
+    """Forward hooks that add ``scaling * (x A^T) B^T`` to the base model's target linears.
+
+    Set ``weights`` to the output of :func:`lora_factors` before a forward pass (an empty dict
+    runs the plain base). ``close()`` removes the hooks.
+    """
+
+    def __init__(self, model: nn.Module, layout: LoraLayout, scaling: float):
+        self.scaling = scaling
+        self.weights: dict[str, tuple[Tensor, Tensor]] = {}
+        modules = dict(model.named_modules())
+        self._handles = []
+        for m in layout.modules:
+            path = m.prefix[len(PEFT_PREFIX):] if m.prefix.startswith(PEFT_PREFIX) else m.prefix
+            if path not in modules:
+                raise ValueError(f"the base model has no module {path!r} (layout module {m.prefix})")
+            self._handles.append(modules[path].register_forward_hook(self._hook(m.prefix)))
+
+    def _hook(self, prefix: str):
+        def add_lora(module, inputs, output):
+            factors = self.weights.get(prefix)
+            if factors is None:
+                return output
+            a, b = factors
+            x = inputs[0]  # (B, T, in)
+            delta = (x.to(a.dtype) @ a.T) @ b.T  # (B, T, out)
+            return output + (self.scaling * delta).to(output.dtype)
+        return add_lora
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def draw_condition(task: SFTTask, n_prompts: int, rng: torch.Generator) -> Tensor:
+    """N of the task's prompt embeddings (without replacement when it has at least N): (N, L, C)."""
+    count = task.condition.shape[0]
+    picks = (torch.randperm(count, generator=rng)[:n_prompts] if count >= n_prompts
+             else torch.randint(count, (n_prompts,), generator=rng))
+    return task.condition[picks]
+
+
+def draw_examples(task: SFTTask, count: int, rng: torch.Generator) -> list[tuple[list[int], int]]:
+    picks = torch.randperm(len(task.examples), generator=rng)[:count]
+    return [task.examples[int(i)] for i in picks]
+
+
+@dataclass
+class SFTResult:
+    losses: list[float]
+    steps: int
+
+
+def train_sft(decoder: DnDDecoder, head: ResidualHead, model: nn.Module, tasks: Sequence[SFTTask],
+              layout: LoraLayout, *, steps: int, scaling: float, pad_id: int, lr: float = 1e-3,
+              tasks_per_step: int = 2, items_per_task: int = 4, grad_clip: float = 1.0, seed: int = 0,
+              device: str | torch.device = "cpu", precision: str = "fp32",
+              on_step: Callable[[int, int, float], bool | None] | None = None) -> SFTResult:
+    """Train ``decoder`` and ``head.gate`` so that the LoRA generated from a task's prompts lowers the
+    frozen ``model``'s answer loss on that task. ``on_step(step, steps, loss)`` returning False stops."""
+    from registry import precision as precisions
+    from registry.lm import answer_loss, collate
+
+    usable = [t for t in tasks if t.examples and t.condition.shape[0]]
+    if len(usable) < 1:
+        raise ValueError("the SFT objective needs at least one task with prompts and train items")
+    device = torch.device(device)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.eval()
+    decoder.to(device).train()
+    head.to(device)
+    params = [*decoder.parameters(), head.gate]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    loss_of = answer_loss(model)
+    lora = FunctionalLora(model, layout, scaling)
+    rng = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    try:
+        for step in range(1, steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            chosen = torch.randperm(len(usable), generator=rng)[:tasks_per_step]
+            total = 0.0
+            for index in chosen:
+                task = usable[int(index)]
+                condition = draw_condition(task, decoder.config.n_prompts, rng).to(device)  # (N, L, C)
+                batch = [t.to(device) for t in collate(draw_examples(task, items_per_task, rng), pad_id)]
+                with precisions.autocast(precision, device):
+                    weights = head(decoder(condition[None])[0])            # (T, h, w)
+                    lora.weights = lora_factors(weights, layout)
+                    loss = loss_of(*batch) / len(chosen)
+                loss.backward()
+                total += loss.item()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            if not math.isfinite(total):
+                raise FloatingPointError(f"SFT loss is {total} at step {step}")
+            losses.append(total)
+            if on_step is not None and on_step(step, steps, total) is False:
+                break
+    finally:
+        lora.close()
+    decoder.eval()
+    return SFTResult(losses=losses, steps=len(losses))
+
+
+@torch.no_grad()
+def generate_weights(decoder: DnDDecoder, head: ResidualHead, condition: Tensor) -> Tensor:
+    """Prompt embeddings (P, L, C) -> LoRA weight grid (T, h, w): groups of N prompts, outputs averaged."""
+    from generator.training import group_prompts
+
+    decoder.eval()
+    groups = group_prompts(condition, decoder.config.n_prompts).to(next(decoder.parameters()).device)
+    return head(decoder(groups).mean(dim=0)).cpu()  # (T, h, w)
+
+
+@torch.no_grad()
+def answer_loss_with(model: nn.Module, layout: LoraLayout, weights: Tensor, examples, scaling: float,
+                     pad_id: int) -> float:
+    """The frozen model's answer loss on ``examples`` with the LoRA ``weights`` (T, h, w) applied."""
+    from registry.lm import answer_loss, collate
+
+    lora = FunctionalLora(model, layout, scaling)
+    try:
+        lora.weights = lora_factors(weights, layout)
+        return float(answer_loss(model)(*collate(list(examples), pad_id)))
+    finally:
+        lora.close()

@@ -1,0 +1,92 @@
+"""The SFT objective (generator.sft) on the tiny llama: gradients reach only the decoder, and the
+trained generator is condition-sensitive: each task's prompts give an adapter better on that task."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from generator.dnd import DnDConfig, DnDDecoder
+from generator.sft import (FunctionalLora, ResidualHead, SFTTask, answer_loss_with, generate_weights, lora_factors,
+                           train_sft)
+from generator.tokenizer import layout_from_state_dict, state_dict_to_tokens
+
+TINY_DECODER = dict(n_prompts=4, prompt_tokens=8, embed_dim=32, n_layers=3, hidden_tokens=8, kernel=5)
+
+
+@pytest.fixture
+def setting(tiny_base_dir, tiny_adapter_factory):
+    """The tiny llama, a q/v rank-4 layout, and two tasks with the same prompts' form but different
+    answers ('yes' for task A, 'no' for task B); their conditions are distinct embedding clouds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from registry.lm import encode_example
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    state = load_file(str(tiny_adapter_factory("a", rank=4) / "adapter_model.safetensors"))
+    layout = layout_from_state_dict(state)
+    rng = random.Random(0)
+    generator = torch.Generator().manual_seed(0)
+    tasks = {}
+    for name, answer in (("a", "yes"), ("b", "no")):
+        prompts = [f"{rng.randint(0, 99)} plus {rng.randint(0, 9)}" for _ in range(24)]
+        centre = torch.randn(8, 32, generator=generator)
+        condition = centre + 0.3 * torch.randn(12, 8, 32, generator=generator)  # (P, L, C)
+        examples = [encode_example(tokenizer, p, answer, max_length=32) for p in prompts]
+        tasks[name] = SFTTask(name, condition, examples)
+    return dict(model=model, tokenizer=tokenizer, layout=layout, tasks=tasks, state=state,
+                pad_id=tokenizer.pad_token_id or 0)
+
+
+def test_functional_lora_equals_peft(setting, tiny_base_dir, tiny_adapter_factory):
+    """The hooks compute exactly what PEFT's LoRA layers compute for the same weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    directory = tiny_adapter_factory("a", rank=4)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_dir), directory).eval()
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    model, layout = setting["model"], setting["layout"]
+    lora = FunctionalLora(model, layout, scaling=2.0)  # make_tiny_adapter_dir: alpha = 2 * rank
+    lora.weights = lora_factors(state_dict_to_tokens(setting["state"], layout), layout)
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, peft_model(ids).logits
+        lora.weights = {}
+        plain = model(ids).logits
+    lora.close()
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    assert (ours - plain).abs().max() > 1e-3  # the adapter does change the output
+
+
+def test_sft_trains_only_the_decoder_and_is_condition_sensitive(setting):
+    torch.manual_seed(0)
+    model, layout, tasks = setting["model"], setting["layout"], setting["tasks"]
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters()}
+    decoder = DnDDecoder(DnDConfig.from_layout(layout, **TINY_DECODER))
+    head = ResidualHead(layout)
+    result = train_sft(decoder, head, model, list(tasks.values()), layout, steps=60, scaling=2.0,
+                       pad_id=setting["pad_id"], lr=1e-2, tasks_per_step=2, items_per_task=6)
+    # the random tiny llama barely moves with a rank-4 q/v LoRA: 5.78 -> 5.27 measured
+    assert result.steps == 60 and result.losses[-1] < result.losses[0] - 0.3, result.losses[::10]
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters())
+    assert all(not p.requires_grad for p in model.parameters())
+    weights = {name: generate_weights(decoder, head, task.condition) for name, task in tasks.items()}
+    for own, other in (("a", "b"), ("b", "a")):
+        examples = tasks[own].examples[:12]
+        own_loss = answer_loss_with(model, layout, weights[own], examples, 2.0, setting["pad_id"])
+        other_loss = answer_loss_with(model, layout, weights[other], examples, 2.0, setting["pad_id"])
+        assert own_loss < other_loss - 0.1, (own, own_loss, other_loss)  # measured gaps: 0.15 and 0.33
+
+
+def test_residual_head_starts_at_the_anchor_and_masks_padding(setting):
+    layout = setting["layout"]
+    anchor = state_dict_to_tokens(setting["state"], layout)
+    head = ResidualHead(layout, anchor=anchor, gate=0.0)
+    torch.testing.assert_close(head(torch.randn(layout.shape)), anchor)
+    head = ResidualHead(layout, anchor=anchor)
+    out = head(torch.ones(layout.shape))
+    assert torch.all(out[head.mask == 0] == 0) and not torch.allclose(out, anchor)
