@@ -147,7 +147,8 @@ def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestCon
             task_description=task.description, prompts=prompts, prompt_embeddings=embeddings,
             metrics={"train_loss": float(loss)}, tags=list(tags),
             recipe={"harvest_id": hid, "task": task.name, "step": step, "config": config.to_dict(),
-                    "base": base_id, "precision": precision, **(recipe_extra or {})},
+                    "base": base_id, "precision": precision,
+                    **({"family": task.info.family} if task.info.family else {}), **(recipe_extra or {})},
         )
         done[step] = info.ref
 
