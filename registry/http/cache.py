@@ -34,6 +34,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from registry.errors import NotFound
+from registry.records import adapter_infos
 from registry.refs import Ref
 from registry.schema import Adapter, Alias, Lineage
 
@@ -203,9 +204,7 @@ def resolve_row(connection, parsed: Ref):
 
 def load_info(connection, parsed: Ref):
     """``AdapterInfo`` for what ``parsed`` resolves to now (Core queries on ``connection``)."""
-    from registry.store import _infos  # the one row -> AdapterInfo mapping, shared with the Registry
-
-    return _infos(connection, [resolve_row(connection, parsed)])[0]
+    return adapter_infos(connection, [resolve_row(connection, parsed)])[0]  # the mapping the Registry uses too
 
 
 def load_children(connection, adapter_id: int) -> list[dict]:

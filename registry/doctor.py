@@ -1,0 +1,80 @@
+"""``registry doctor``: SQL vs blobs (every digest re-hashed) vs FAISS, and what ``--repair`` fixes
+(a blob restored from an intact fetched copy, unreferenced blobs and partial writes deleted, the
+index rebuilt from SQL)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+
+from registry import peft_io
+from registry.atomic import TEMP_PREFIX, atomic_write
+from registry.blobs import sha256_file
+from registry.index import AdapterIndex
+from registry.records import EMBEDDING_DIM
+from registry.schema import Adapter, Artifact
+
+
+@dataclass
+class DoctorReport:
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    checked_adapters: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def doctor(reg, repair: bool = False) -> DoctorReport:
+    """``Registry.doctor``: check SQL vs blobs (every digest re-hashed) vs FAISS; with ``repair`` fix what can be fixed."""
+    from registry.db import current_revision, head_revision
+
+    report = DoctorReport()
+    if current_revision(reg.engine) != head_revision(reg.url):
+        report.problems.append("database schema is not at the latest migration: run `registry migrate`")
+    with reg.session() as session:
+        rows = session.execute(select(Adapter.id, Adapter.name, Adapter.version, Adapter.weights_sha256,
+                                      Adapter.digest).where(Adapter.removed_at.is_(None))).all()
+        artifact_digests = set(session.scalars(select(Artifact.sha256).where(Artifact.removed_at.is_(None))))
+    report.checked_adapters = len(rows)
+    referenced = {r.weights_sha256 for r in rows} | artifact_digests
+    for row in rows:
+        path = reg.blobs.path(row.weights_sha256)
+        if not path.exists() or sha256_file(path) != row.weights_sha256:
+            problem = f"{row.name}@{row.version}: weights blob {'missing' if not path.exists() else 'corrupt'}"
+            cached = reg.home / "fetched" / row.digest / peft_io.WEIGHTS_FILE
+            if repair and cached.exists() and sha256_file(cached) == row.weights_sha256:
+                atomic_write(path, cached.read_bytes())
+                report.repaired.append(f"{problem}; restored from the fetch cache")
+            else:
+                report.problems.append(problem + ("; no intact copy to restore from" if repair else ""))
+    for digest in sorted(reg.blobs.all_digests() - referenced):
+        if repair:
+            reg.blobs.delete(digest)
+            report.repaired.append(f"deleted unreferenced blob {digest[:12]}")
+        else:
+            report.problems.append(f"unreferenced blob {digest[:12]} (left by an interrupted add or a removal)")
+    for temp in (reg.blobs.root / "sha256").glob(f"??/{TEMP_PREFIX}*") if (reg.blobs.root / "sha256").exists() else []:
+        if repair:
+            temp.unlink(missing_ok=True)
+            report.repaired.append(f"deleted partial write {temp.name}")
+        else:
+            report.problems.append(f"partial write {temp.name} left by an interrupted add")
+    index = AdapterIndex(reg.home / "index", EMBEDDING_DIM, reg.encoder_id)
+    live_ids, _ = reg._live_embeddings()
+    if not index.load():
+        problem = "FAISS index missing or unreadable" if len(live_ids) else None
+    else:
+        present, live = index.ids(), set(int(i) for i in live_ids)
+        problem = None
+        if present != live:
+            problem = (f"FAISS index out of sync with SQL: {len(live - present)} missing, "
+                       f"{len(present - live)} stale")
+    if problem:
+        if repair:
+            report.repaired.append(f"{problem}; rebuilt {reg.reindex()} vectors from SQL")
+        else:
+            report.problems.append(problem)
+    return report
