@@ -19,7 +19,11 @@ How it stays correct:
 - the cache is keyed by digest (``<cache>/adapters/<digest>/``). An immutable REF (``name@3``,
   ``sha256:...``) fetched before is answered from a small per-server map without any request; an
   alias or latest REF costs one metadata request, then reuses the cached directory;
-- an interrupted download resumes with ``Range`` + ``If-Range`` (up to 3 attempts per file).
+- an interrupted download resumes with ``Range`` + ``If-Range`` (up to 3 attempts per file);
+- every request is retried after a connection error or a 5xx answer (``RETRIES`` more times, the
+  wait doubling from ``RETRY_BACKOFF``): urllib3's ``Retry(connect, read, status_forcelist=5xx,
+  backoff_factor)`` policy, written out here so the client keeps to the standard library. A 4xx is
+  an answer, never retried.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -45,6 +50,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 RECORD_FILE = "registry.json"
 CHUNK = 1 << 20
 ATTEMPTS = 3
+RETRIES = 3  # extra tries of a request after a connection error or a 5xx
+RETRY_BACKOFF = 0.25  # seconds before the first retry, doubled before each next one
 DIGEST_CHARS = set("0123456789abcdef")
 
 
@@ -178,14 +185,20 @@ class _Http:
         request = urllib.request.Request(self.base_url + path, headers=dict(headers or {}))
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
-        self.requests += 1
-        try:
-            return urllib.request.urlopen(request, timeout=self.timeout)
-        except urllib.error.HTTPError as err:
-            raise _server_error(err) from None
-        except (urllib.error.URLError, OSError, HTTPException) as err:
-            reason = getattr(err, "reason", err)
-            raise RegistryError(f"cannot reach {self.base_url}: {reason}") from None
+        for attempt in range(RETRIES + 1):
+            self.requests += 1
+            last = attempt == RETRIES
+            try:
+                return urllib.request.urlopen(request, timeout=self.timeout)
+            except urllib.error.HTTPError as err:
+                if err.code < 500 or last:
+                    raise _server_error(err) from None
+                err.close()  # a 5xx: the server may be restarting or overloaded
+            except (urllib.error.URLError, OSError, HTTPException) as err:
+                if last:
+                    reason = getattr(err, "reason", err)
+                    raise RegistryError(f"cannot reach {self.base_url}: {reason}") from None
+            time.sleep(RETRY_BACKOFF * 2 ** attempt)
 
     def json(self, path: str) -> dict:
         with self.open(path, {"Accept": "application/json"}) as response:

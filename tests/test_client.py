@@ -285,3 +285,43 @@ def test_pull_and_sync_commands(server, seeded, tmp_path, reg, cli, monkeypatch)
     code, _, err = cli("sync", "nosuch", "--server", url, "--vllm", vllm, "--cache-dir", cache)
     assert code == 1 and "no adapter matches nosuch" in err
     assert sha((vllm / "math" / WEIGHTS).read_bytes()) == seeded["v2"].weights_sha256  # untouched
+
+
+def test_requests_are_retried_after_connection_errors_and_5xx_not_4xx(monkeypatch):
+    """Two failures (connection refused, then a 503) and a success: one call, three requests, two
+    waits of 0.25 s and 0.5 s; a 404 is answered at once."""
+    import io
+    import urllib.error
+    import urllib.request
+
+    from registry import client
+    from registry.errors import NotFound
+
+    waits, answers = [], []
+    monkeypatch.setattr(client.time, "sleep", waits.append)
+
+    def urlopen(request, timeout):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    http = client._Http("http://registry.invalid", None, timeout=1)
+
+    def error(code: int):
+        return urllib.error.HTTPError("http://registry.invalid/x", code, "x", {}, io.BytesIO(b'{"error": "busy"}'))
+
+    answers[:] = [urllib.error.URLError("connection refused"), error(503), io.BytesIO(b'{"ok": true}')]
+    assert http.json("/healthz") == {"ok": True}
+    assert http.requests == 3 and waits == [0.25, 0.5]
+
+    answers[:], waits[:] = [error(404)], []
+    with pytest.raises(NotFound):
+        http.json("/v1/adapters/nosuch")
+    assert http.requests == 4 and waits == []
+
+    answers[:] = [error(500)] * (client.RETRIES + 1)
+    with pytest.raises(client.ServerError):
+        http.json("/v1/adapters/x")
+    assert waits == [0.25, 0.5, 1.0] and not answers
