@@ -171,7 +171,14 @@ def configure_threads(threads: int | None = None) -> int:
 
 
 def lr_at(step: int, config: HarvestConfig) -> float:
-    """Learning rate for update number ``step`` (1-based): linear warmup, then cosine to min_lr_ratio."""
+    """Learning rate for update number ``step`` (1-based): linear warmup, then cosine to min_lr_ratio.
+
+    The curve of transformers' ``get_cosine_with_min_lr_schedule_with_warmup`` (tests/test_train.py
+    compares them), read at the 1-based update number. Not that scheduler itself: as a ``LambdaLR``
+    it gives update k the factor of k - 1, so the first update would run at lr 0 and every later one
+    a step behind, which changes every harvest (and its id); a pure function also needs no
+    scheduler state in the resumable work dir.
+    """
     if config.warmup_steps and step <= config.warmup_steps:
         return config.lr * step / config.warmup_steps
     span = max(1, config.steps - config.warmup_steps)

@@ -191,3 +191,20 @@ def test_generation_with_the_shared_prompt_head_cached_matches_plain_generation(
     shared, n_shared = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4, share_prefix=True)
     plain, n_plain = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4, share_prefix=False)
     assert shared == plain and n_shared == n_plain > 0
+
+
+def test_lr_schedule_is_transformers_cosine_with_min_lr_read_at_the_update_number():
+    import torch
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    from harvest.train import HarvestConfig, lr_at
+
+    config = HarvestConfig(steps=120, warmup_steps=10, lr=2e-3, min_lr_ratio=0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps,
+        min_lr_rate=config.min_lr_ratio)
+    factor = scheduler.lr_lambdas[0]
+    assert [lr_at(k, config) for k in range(1, config.steps + 1)] == \
+        pytest.approx([config.lr * factor(k) for k in range(1, config.steps + 1)], rel=1e-12, abs=0)
+    assert optimizer.param_groups[0]["lr"] == 0.0 and lr_at(1, config) == pytest.approx(2e-4)  # why not LambdaLR
