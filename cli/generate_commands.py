@@ -31,6 +31,9 @@ def train_generator(
     tasks: TasksOption = [],
     exclude_tasks: ExcludeOption = [],
     arch: Annotated[str, typer.Option(help="Generator architecture: dnd (Drag-and-Drop) or cvae (ICM-LoRA).")] = "dnd",
+    objective: Annotated[str, typer.Option(help="dnd: recon (regress harvested weights) or sft (train through the base model on the tasks' answers).")] = "recon",
+    anchor: Annotated[str, typer.Option(help="sft: the adapter the generated LoRA starts from: multitask (trained on the same tasks first if missing), none (random A, B = 0) or a REF.")] = "multitask",
+    items_per_task: Annotated[int, typer.Option("--items-per-task", help="sft: train items per task per step.")] = 4,
     steps: Annotated[int, typer.Option(help="Training steps (a rerun with more steps continues).")] = 2000,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Pairs per step: (checkpoint, N prompts) for dnd (default 8), (checkpoint, task vector) for cvae (default 4).")] = None,
@@ -71,6 +74,12 @@ def train_generator(
     given = {k: v for k, v in given.items() if v is not None}
     if arch == "cvae":
         options = {**given, "seed": seed, "save_every": save_every, "base_model": base_model}
+    elif objective == "sft":
+        if given or spread_weighting:
+            raise RegistryError("the CVAE options and --spread-weighting do not apply to --objective sft")
+        options = dict(n_prompts=n_prompts, prompt_tokens=prompt_tokens, n_layers=layers, kernel=kernel,
+                       hidden_tokens=hidden_tokens, seed=seed, save_every=save_every, base_model=base_model,
+                       items_per_task=items_per_task)
     else:
         if given:
             raise RegistryError(f"{', '.join(CVAE_CLI_OPTIONS[k] for k in given)} only apply to --arch cvae")
@@ -79,7 +88,10 @@ def train_generator(
                        save_every=save_every, base_model=base_model)
     err = console_err()
     with open_registry(home) as reg, progress() as bar:
-        task_id = bar.add_task(f"train-generator ({arch})", total=steps, status="starting")
+        if objective == "sft":
+            tasks, options["task_items"], options["anchor"] = _sft_inputs(reg, tasks, exclude_tasks, anchor, bar)
+        task_id = bar.add_task(f"train-generator ({arch}{', sft' if objective == 'sft' else ''})", total=steps,
+                               status="starting")
 
         def on_step(step: int, total: int, loss: float):
             bar.update(task_id, completed=step, total=total, status=f"loss {loss:.4f}")
@@ -88,7 +100,7 @@ def train_generator(
             reg, name=name, tasks=tasks or None, exclude_tasks=exclude_tasks, steps=steps, lr=lr,
             batch_size=batch_size, device=device, on_step=on_step, resume=not fresh,
             on_status=lambda message: bar.update(task_id, status=message), arch=arch, precision=precision,
-            **options)
+            objective=objective, **options)
         bar.update(task_id, completed=steps)
     if json_output:
         print_json(info.to_dict())
@@ -99,6 +111,27 @@ def train_generator(
               f"final loss {meta['final_loss']:.4f}",
               soft_wrap=True)
     console().print(f"stored [bold]{info.ref}[/bold] sha256:{info.sha256}", soft_wrap=True)
+
+
+def _sft_inputs(reg, tasks: list[str], exclude_tasks: list[str], anchor: str, bar):
+    """(task names, task -> [(prompt, answer)] of their train items, anchor REF or None) for the SFT
+    objective. Tasks: the given zoo names / .jsonl files, else every finished harvest; ``anchor``
+    multitask trains the multitask LoRA of these tasks first when it is not stored yet."""
+    from evaluation.compare import harvested_tasks
+    from harvest.service import harvest_multitask, resolve_task
+
+    loaded = [resolve_task(spec) for spec in (tasks or harvested_tasks(reg))]
+    loaded = [t for t in loaded if t.name not in set(exclude_tasks)]
+    items = {t.name: [(e.prompt, e.answer) for e in t.split("train")] for t in loaded}
+    if anchor == "none":
+        return [t.name for t in loaded], items, None
+    if anchor != "multitask":
+        return [t.name for t in loaded], items, reg.resolve(anchor).ref
+    task_id = bar.add_task("multitask LoRA (the anchor)", total=None, status="")
+    summary = harvest_multitask(reg, loaded, on_step=lambda step, loss: bar.update(task_id, completed=step,
+                                                                                 status=f"loss {loss:.3f}"))
+    bar.update(task_id, status="already trained" if summary.skipped else f"stored {summary.refs[-1]}")
+    return [t.name for t in loaded], items, summary.refs[-1]
 
 
 def console_err():

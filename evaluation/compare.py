@@ -256,17 +256,15 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
                                  f"{len(training)} training tasks")
     if "multitask" in wanted:
         from harvest.service import harvest_multitask, resolve_task
-        from harvest.train import HarvestConfig
 
-        recipe = reg.resolve(pool[training[0]]).recipe
-        config = HarvestConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in recipe["config"].items()})
         members = [tasks[t] if t in tasks else resolve_task(t) for t in training]
         on_status(f"{label}: multitask LoRA on {len(members)} tasks")
-        summary = harvest_multitask(reg, members, base=base_model, config=config, precision=recipe.get("precision"),
-                                    on_step=lambda s, loss: on_status(f"{label}: multitask step {s}/{config.steps}"))
+        summary = harvest_multitask(reg, members, on_step=lambda s, loss: on_status(f"{label}: multitask step {s}"))
         context.multitask_ref = summary.refs[-1]
-        context.notes.append(f"[{label}] multitask LoRA {context.multitask_ref}: {config.steps} steps, rank "
-                             f"{config.rank}, the harvest recipe, on the union of the training tasks' train items")
+        recipe = reg.resolve(context.multitask_ref).recipe
+        context.notes.append(f"[{label}] multitask LoRA {context.multitask_ref}: {recipe['config']['steps']} steps, "
+                             f"rank {recipe['config']['rank']} (the training tasks' harvest recipe), on the union of "
+                             "their train items")
     # Fixed after the multitask harvest, so it (and every other non-training harvest) stays out of the pool.
     all_harvested = {a.task for a in reg.list_adapters(kind="harvested") if a.task}
     context.exclude_from_pool = sorted(all_harvested - set(training))

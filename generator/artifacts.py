@@ -20,7 +20,8 @@ from registry.errors import NotFound
 ARTIFACT_TYPE = "generator-dnd"  # the DnD generator's (the default one)
 CVAE_ARTIFACT_TYPE = "generator-cvae"
 GENERATOR_TYPE_PREFIX = "generator-"
-GENERATOR_TYPES = (ARTIFACT_TYPE, CVAE_ARTIFACT_TYPE)
+SFT_ARTIFACT_TYPE = "generator-dnd-sft"  # the DnD decoder trained through the base model (generator.sft_service)
+GENERATOR_TYPES = (ARTIFACT_TYPE, CVAE_ARTIFACT_TYPE, SFT_ARTIFACT_TYPE)
 NORMALIZER_PREFIX = "normalizer."
 
 

@@ -34,6 +34,7 @@ from generator.cvae_service import (CVAE, DEFAULT_CVAE_BATCH_SIZE, regenerate_ad
 from generator.dnd_service import (DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_N_PROMPTS, DEFAULT_SAVE_EVERY,
                                    DEFAULT_STEPS, DND)
 from generator.errors import GeneratorError, GeneratorLayoutError, TrainingStopped
+from generator.sft_service import SFT
 from generator.trainset import TrainingSet, collect_training_set
 from registry.prompts import prompts_sha256
 
@@ -45,8 +46,9 @@ __all__ = ["ARCHES", "ARTIFACT_TYPE", "BACKENDS", "CVAE_ARTIFACT_TYPE", "DEFAULT
            "regenerate_task", "resolve_any_generator", "resolve_generator", "train_cvae_from_registry",
            "train_generator_from_registry"]
 
-BACKENDS: dict[str, GeneratorBackend] = {backend.arch: backend for backend in (DND, CVAE)}
-ARCHES = tuple(BACKENDS)
+BACKENDS: dict[str, GeneratorBackend] = {backend.arch: backend for backend in (DND, CVAE, SFT)}
+ARCHES = ("dnd", "cvae")  # the --arch names; the SFT-trained DnD is --arch dnd --objective sft
+OBJECTIVES = ("recon", "sft")
 
 
 def backend_of(info) -> GeneratorBackend:
@@ -63,11 +65,14 @@ def train_generator_from_registry(
     steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int | None = None,
     n_prompts: int = DEFAULT_N_PROMPTS, device: str | None = None,
     on_step: Callable[[int, int, float], bool | None] | None = None, resume: bool = True,
-    on_status: Callable[[str], None] | None = None, arch: str = "dnd", **config,
+    on_status: Callable[[str], None] | None = None, arch: str = "dnd", objective: str = "recon", **config,
 ):
     """Train a generator (DnD by default) on the registry's harvested adapters and store it as an artifact.
 
-    ``arch="cvae"`` trains the ICM-LoRA CVAE instead (``train_cvae_from_registry``: ``n_prompts``
+    ``objective="sft"`` trains the DnD decoder through the frozen base model instead of onto
+    harvested weights (``generator.sft_service.train_dnd_sft``; ``config`` then takes ``task_items``
+    (task -> [(prompt, answer)]), ``anchor`` (a REF, e.g. the multitask LoRA), ``items_per_task`` and
+    the decoder options; ``batch_size`` is tasks per step). ``arch="cvae"`` trains the ICM-LoRA CVAE instead (``train_cvae_from_registry``: ``n_prompts``
     is not used, ``config`` takes the CVAE's options); ``name`` defaults to the arch's name and
     ``batch_size`` to the arch's default (8 for DnD, 4 for the CVAE).
 
@@ -80,10 +85,14 @@ def train_generator_from_registry(
     saved, ``TrainingStopped`` raised). ``resume=False`` discards saved state and starts over.
     Returns the stored ``ArtifactInfo``.
     """
-    backend = BACKENDS.get(arch)
-    if backend is None:
+    if arch not in ARCHES:
         raise GeneratorError(f"unknown generator architecture {arch!r}: one of {', '.join(ARCHES)}")
-    return backend.train(reg, name=name or arch, tasks=tasks, exclude_tasks=exclude_tasks, steps=steps, lr=lr,
+    if objective not in OBJECTIVES or (objective == "sft" and arch != "dnd"):
+        raise GeneratorError(f"unknown objective {objective!r} for {arch}: "
+                             + ("recon or sft" if arch == "dnd" else "the CVAE trains by reconstruction (recon)"))
+    backend = SFT if objective == "sft" else BACKENDS[arch]
+    return backend.train(reg, name=name or (f"{arch}-sft" if objective == "sft" else arch), tasks=tasks,
+                         exclude_tasks=exclude_tasks, steps=steps, lr=lr,
                          batch_size=backend.default_batch_size if batch_size is None else batch_size,
                          n_prompts=n_prompts, device=device, on_step=on_step, resume=resume, on_status=on_status,
                          **config)
@@ -146,6 +155,7 @@ def generate_adapter(reg, prompts: Sequence[str], name: str, generator_ref: str 
     start = time.perf_counter()
     recipe = {"generator": measured["generator"], "generator_digest": measured["generator_digest"],
               "generator_type": info.artifact_type, "arch": measured["arch"], "precision": measured["precision"],
+              "objective": info.meta.get("objective", "recon"),
               "prompts_sha256": prompts_sha256(prompts), "n_prompts": len(prompts)}
     if measured.get("task_vector_sha256"):
         recipe["task_vector_sha256"] = measured["task_vector_sha256"]

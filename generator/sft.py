@@ -170,73 +170,92 @@ def draw_examples(task: SFTTask, count: int, rng: torch.Generator) -> list[tuple
     return [task.examples[int(i)] for i in picks]
 
 
-@dataclass
-class SFTResult:
-    losses: list[float]
-    steps: int
+class SFTGenerator(nn.Module):
+    """The decoder and its residual head: prompt embeddings (B, N, L, C) -> LoRA weights (B, T, h, w)."""
+
+    def __init__(self, decoder: DnDDecoder, head: ResidualHead):
+        super().__init__()
+        self.decoder = decoder
+        self.head = head
+
+    @property
+    def config(self):
+        return self.decoder.config
+
+    def forward(self, condition: Tensor) -> Tensor:
+        return self.head(self.decoder(condition))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
 
-def train_sft(decoder: DnDDecoder, head: ResidualHead, model: nn.Module, tasks: Sequence[SFTTask],
-              layout: LoraLayout, *, steps: int, scaling: float, pad_id: int, lr: float = 1e-3,
-              tasks_per_step: int = 2, items_per_task: int = 4, grad_clip: float = 1.0, seed: int = 0,
+def train_sft(generator: SFTGenerator, model: nn.Module, tasks: Sequence[SFTTask], layout: LoraLayout, *,
+              steps: int, scaling: float, pad_id: int, lr: float = 1e-3, tasks_per_step: int = 2,
+              items_per_task: int = 4, grad_clip: float | None = 1.0, state=None, seed: int = 0,
               device: str | torch.device = "cpu", precision: str = "fp32",
-              on_step: Callable[[int, int, float], bool | None] | None = None) -> SFTResult:
-    """Train ``decoder`` and ``head.gate`` so that the LoRA generated from a task's prompts lowers the
-    frozen ``model``'s answer loss on that task. ``on_step(step, steps, loss)`` returning False stops."""
-    from registry import precision as precisions
+              on_step: Callable[[int, int, float], bool | None] | None = None):
+    """Train ``generator`` (decoder + head gate) until ``state.step == steps`` so that the LoRA generated
+    from a task's prompts lowers the frozen ``model``'s answer loss on that task's items.
+
+    Each step draws ``tasks_per_step`` tasks; each gets its own generated LoRA and a batch of
+    ``items_per_task`` of its items. ``state`` (``generator.training.TrainState``) resumes exactly;
+    ``on_step(step, steps, loss)`` returning False stops. Returns ``(generator, state)``."""
+    from generator.training import TrainState, run_steps
     from registry.lm import answer_loss, collate
 
     usable = [t for t in tasks if t.examples and t.condition.shape[0]]
-    if len(usable) < 1:
+    if not usable:
         raise ValueError("the SFT objective needs at least one task with prompts and train items")
     device = torch.device(device)
     for param in model.parameters():
         param.requires_grad_(False)
     model.eval()
-    decoder.to(device).train()
-    head.to(device)
-    params = [*decoder.parameters(), head.gate]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator.to(device).train()
+    optimizer = torch.optim.AdamW(generator.parameters(), lr=lr, weight_decay=0.0)
+    state = state or TrainState(seed=seed)
+    rng = torch.Generator().manual_seed(state.seed)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    if state.rng is not None:
+        rng.set_state(state.rng)
     loss_of = answer_loss(model)
     lora = FunctionalLora(model, layout, scaling)
-    rng = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
+
+    def batch_loss():
+        chosen = torch.randperm(len(usable), generator=rng)[:tasks_per_step]
+        total = 0.0
+        for index in chosen:
+            task = usable[int(index)]
+            condition = draw_condition(task, generator.config.n_prompts, rng).to(device)  # (N, L, C)
+            batch = [t.to(device) for t in collate(draw_examples(task, items_per_task, rng), pad_id)]
+            lora.weights = lora_factors(generator(condition[None])[0], layout)           # (T, h, w) -> factors
+            total = total + loss_of(*batch) / len(chosen)
+        return total
+
     try:
-        for step in range(1, steps + 1):
-            optimizer.zero_grad(set_to_none=True)
-            chosen = torch.randperm(len(usable), generator=rng)[:tasks_per_step]
-            total = 0.0
-            for index in chosen:
-                task = usable[int(index)]
-                condition = draw_condition(task, decoder.config.n_prompts, rng).to(device)  # (N, L, C)
-                batch = [t.to(device) for t in collate(draw_examples(task, items_per_task, rng), pad_id)]
-                with precisions.autocast(precision, device):
-                    weights = head(decoder(condition[None])[0])            # (T, h, w)
-                    lora.weights = lora_factors(weights, layout)
-                    loss = loss_of(*batch) / len(chosen)
-                loss.backward()
-                total += loss.item()
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-            if not math.isfinite(total):
-                raise FloatingPointError(f"SFT loss is {total} at step {step}")
-            losses.append(total)
-            if on_step is not None and on_step(step, steps, total) is False:
-                break
+        run_steps(generator, optimizer, state, steps, rng, batch_loss, grad_clip, on_step, precision=precision,
+                  device=device)
     finally:
         lora.close()
-    decoder.eval()
-    return SFTResult(losses=losses, steps=len(losses))
+        lora.weights = {}
+    if state.losses and not math.isfinite(state.losses[-1]):
+        raise FloatingPointError(f"the SFT loss diverged ({state.losses[-1]}) at step {state.step}")
+    generator.eval()
+    return generator, state
 
 
 @torch.no_grad()
-def generate_weights(decoder: DnDDecoder, head: ResidualHead, condition: Tensor) -> Tensor:
-    """Prompt embeddings (P, L, C) -> LoRA weight grid (T, h, w): groups of N prompts, outputs averaged."""
+def generate_weights(generator: SFTGenerator, condition: Tensor) -> Tensor:
+    """Prompt embeddings (P, L, C) -> LoRA weight grid (T, h, w): groups of N prompts; the decoder's
+    outputs are averaged before the (affine) head, which equals averaging the weights."""
     from generator.training import group_prompts
 
-    decoder.eval()
-    groups = group_prompts(condition, decoder.config.n_prompts).to(next(decoder.parameters()).device)
-    return head(decoder(groups).mean(dim=0)).cpu()  # (T, h, w)
+    generator.eval()
+    device = next(generator.parameters()).device
+    groups = group_prompts(condition, generator.config.n_prompts).to(device)  # (G, N, L, C)
+    return generator.head(generator.decoder(groups).mean(dim=0)).float().cpu()  # (T, h, w)
 
 
 @torch.no_grad()

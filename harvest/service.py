@@ -191,11 +191,27 @@ def harvest_multitask(reg, tasks: Sequence[Task], *, base: str | None = None, co
     """The multi-task LoRA baseline (Text-to-LoRA's): one LoRA with a harvest's rank, targets and
     step budget, trained on the union of ``tasks``' train items. Stored as kind ``harvested``,
     tagged ``multitask``, with its member tasks in the recipe (``multitask_tasks``); resumable and
-    skipped when done, like any harvest."""
+    skipped when done, like any harvest. ``config`` None: the recipe (and base, precision) of the
+    member tasks' harvests, so it matches the adapters it is compared with."""
     union = multitask_task(tasks)
+    if config is None:
+        recipe = _harvest_recipe(reg, [t.name for t in tasks])
+        if recipe is not None:
+            config = HarvestConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in recipe["config"].items()})
+            base = base or recipe.get("base")
+            precision = precision or recipe.get("precision")
     return harvest_task(reg, union, base=base, config=config, on_step=on_step, device=device, precision=precision,
                         tags=("harvest", MULTITASK_TAG),
                         recipe_extra={"multitask_tasks": sorted(t.name for t in tasks)})
+
+
+def _harvest_recipe(reg, task_names: Sequence[str]) -> dict | None:
+    """The recipe of the first of these tasks that has a harvested checkpoint."""
+    for name in task_names:
+        for info in reg.list_adapters(kind="harvested", task=name):
+            if "config" in info.recipe:
+                return info.recipe
+    return None
 
 
 def evaluate_stored(reg, task: Task, ref: str | None = None, *, base: str | None = None,

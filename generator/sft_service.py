@@ -1,0 +1,264 @@
+"""The DnD decoder trained with the SFT objective, as a registry backend (``generator.sft`` is the math).
+
+``registry train-generator --objective sft`` lands here. The artifact (type ``generator-dnd-sft``)
+holds the decoder (``decoder.*``) and its residual head (``head.*``: anchor, per-module scale,
+gate); its metadata records the decoder config, the layout and PEFT fields of the harvested
+adapters it writes like, the base model, the encoder, the training tasks (and how many train items
+each gave), the anchor adapter and how training went.
+
+What it trains on: ``task_items`` (task -> [(prompt, answer)], the callers' task data; this package
+does not read tasks itself) for every training task; the layout, PEFT fields and base model come
+from the training tasks' harvested adapters (``collect_training_set``), which a task without a
+harvest simply does not add to. The condition of each task is a draw of its own train prompts.
+Training is resumable like the reconstruction generator's (``generator.workdir``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Callable, Mapping, Sequence
+
+from generator.artifacts import (SFT_ARTIFACT_TYPE, LoadedGenerator, check_peft_layout, checked_layout, frozen,
+                                 generator_peft_config, load_cached, load_prefixed, model_for_layout,
+                                 resolve_any_generator)
+from generator.backend import check_base, resolve_precision, sync_device
+from generator.errors import GeneratorError
+from generator.trainset import collect_training_set
+from generator.workdir import (WorkDir, model_and_state, run_chunked_training, sha256_json, source_version,
+                               stored_artifact, training_meta)
+from registry.precision import identity as precision_identity
+
+ARTIFACT_FORMAT = "dnd-sft-generator-artifact/1"
+SERVICE_VERSION = "dnd-sft-service/1"
+SOURCE_FILES = ("sft.py", "sft_service.py", "dnd.py", "tokenizer.py", "condition.py")
+DECODER_PREFIX = "decoder."
+HEAD_PREFIX = "head."
+
+DEFAULT_SFT_STEPS = 500
+DEFAULT_SFT_LR = 1e-3
+DEFAULT_TASKS_PER_STEP = 2
+DEFAULT_ITEMS_PER_TASK = 4
+DECODER_OPTIONS = ("prompt_tokens", "n_layers", "kernel", "hidden_tokens", "shapes")
+
+
+def lora_scaling(peft: Mapping) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA (one rank and alpha for all modules)."""
+    if peft.get("rank_pattern") or peft.get("alpha_pattern"):
+        raise GeneratorError("the SFT objective needs one rank and alpha for every module (no rank/alpha patterns)")
+    rank, alpha = int(peft["r"]), float(peft["lora_alpha"])
+    return alpha / (rank ** 0.5 if peft.get("use_rslora") else rank)
+
+
+def _items_digest(task_items: Mapping[str, Sequence[tuple[str, str]]]) -> dict[str, str]:
+    return {task: hashlib.sha256("\1".join(f"{p}\0{a}" for p, a in items).encode()).hexdigest()[:16]
+            for task, items in sorted(task_items.items())}
+
+
+def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = None,
+                  exclude_tasks: Sequence[str] = (), steps: int = DEFAULT_SFT_STEPS, lr: float = DEFAULT_SFT_LR,
+                  batch_size: int = DEFAULT_TASKS_PER_STEP, n_prompts: int = 16, device: str | None = None,
+                  on_step: Callable[[int, int, float], bool | None] | None = None, resume: bool = True,
+                  on_status: Callable[[str], None] | None = None, task_items: Mapping | None = None,
+                  anchor: str | None = None, items_per_task: int = DEFAULT_ITEMS_PER_TASK, max_length: int = 160,
+                  seed: int = 0, save_every: int = 50, grad_clip: float = 1.0, precision: str | None = None,
+                  base_model: str | None = None, **decoder_options):
+    """Train the DnD decoder through the frozen base (``generator.sft``) and store it (``ArtifactInfo``).
+
+    ``batch_size`` is the number of tasks per step, each with ``items_per_task`` items; ``anchor`` a
+    REF of the adapter the generated LoRA starts from (the multitask LoRA; None: a fixed random A
+    with B = 0)."""
+    import torch
+
+    from generator.dnd import DnDConfig, DnDDecoder
+    from generator.dnd_service import _encoder_for, _embed_prompts
+    from generator.sft import ResidualHead, SFTGenerator, SFTTask, train_sft
+    from generator.tokenizer import layout_from_state_dict, state_dict_to_tokens
+    from generator.training import resolve_device
+    from registry.lm import encode_example
+    from registry.refs import validate_name
+
+    status = on_status or (lambda message: None)
+    validate_name(name)
+    unknown = sorted(set(decoder_options) - set(DECODER_OPTIONS))
+    if unknown:
+        raise GeneratorError(f"unknown option(s) for the SFT objective: {', '.join(unknown)}")
+    if steps < 1 or batch_size < 1 or items_per_task < 1 or n_prompts < 1 or lr <= 0:
+        raise GeneratorError("steps, tasks per step, items per task and n_prompts must be >= 1 and lr > 0")
+    if not task_items:
+        raise GeneratorError("the SFT objective needs the training tasks' items (prompt, answer pairs)")
+    excluded = set(exclude_tasks)
+    task_items = {t: list(v) for t, v in sorted(task_items.items()) if t not in excluded and (tasks is None or t in tasks)}
+    empty = [t for t, items in task_items.items() if len(items) < items_per_task]
+    if empty:
+        raise GeneratorError(f"tasks with fewer than {items_per_task} train items: {', '.join(empty)}")
+    if not task_items:
+        raise GeneratorError("no training task left after --exclude-tasks")
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+
+    status("collecting harvested adapters (layout, PEFT fields, base model)")
+    harvested = [t for t in task_items if reg.list_adapters(kind="harvested", task=t)]
+    if not harvested:
+        raise GeneratorError("none of the SFT training tasks has a harvested adapter to take the layout from")
+    data = collect_training_set(reg, harvested, (), base_model=base_model)
+    layout = layout_from_state_dict(next(iter(data.checkpoints.values()))[0])
+    data.checkpoints = {t: [] for t in data.checkpoints}  # only the layout was needed
+    scaling = lora_scaling(data.peft_fields)
+    anchor_info, anchor_tokens = None, None
+    if anchor is not None:
+        from safetensors.torch import load_file
+
+        anchor_info = reg.resolve(anchor)
+        anchor_tokens = state_dict_to_tokens(load_file(str(reg.fetch(anchor_info.ref) / "adapter_model.safetensors")),
+                                             layout)
+
+    status("loading the base model and the prompt encoder")
+    from registry import base_models
+
+    model, tokenizer = base_models.load_base(data.base_model, device=str(device), cached=False,
+                                             dtype=_frozen_dtype(precision))
+    encoder = _encoder_for(reg, {"encoder": reg.encoder_id}, device)
+    embed_dim = int(encoder.dimension)
+    decoder_config = DnDConfig.from_layout(layout, n_prompts=n_prompts, embed_dim=embed_dim, **decoder_options)
+
+    status("embedding prompts and encoding train items")
+    sft_tasks = []
+    for task, items in task_items.items():
+        condition, _ = _embed_prompts(encoder, [p for p, _ in items], decoder_config.prompt_tokens)  # (P, L, C)
+        examples = [encode_example(tokenizer, p, a, max_length) for p, a in items]
+        sft_tasks.append(SFTTask(task, condition.float().cpu(), examples))
+
+    settings = {"lr": lr, "tasks_per_step": batch_size, "items_per_task": items_per_task, "seed": seed,
+                "grad_clip": grad_clip, "max_length": max_length}
+    fingerprint = sha256_json({"items": _items_digest(task_items), "layout": layout.fingerprint,
+                               "anchor": anchor_info.digest if anchor_info else None, "config": decoder_config.to_dict(),
+                               "encoder": reg.encoder_id, "base": data.base_fingerprint, "training": settings,
+                               "name": name, **precision_identity(precision), "code": SERVICE_VERSION})
+    work = WorkDir(reg.home / "work" / "generators" / fingerprint[:24])
+    with work.locked():
+        if not resume:
+            work.clear()
+        info = stored_artifact(reg, work, steps, SFT_ARTIFACT_TYPE, status)
+        if info is not None:
+            return info
+        generator, state, record = model_and_state(
+            work, lambda: SFTGenerator(DnDDecoder(decoder_config), ResidualHead(layout, anchor_tokens, seed=seed)),
+            seed, steps)
+        wall_before = float(record.get("wall_time_s", 0.0)) if record else 0.0
+        resumed_from = state.step
+        status(f"training on {device} through the base model" + (f", resuming at step {resumed_from}" if resumed_from else ""))
+        generator, state, wall_time = run_chunked_training(
+            work, generator, state, steps=steps, save_every=save_every, on_step=on_step, wall_before=wall_before,
+            record={"fingerprint": fingerprint, "name": name},
+            train_chunk=lambda gen, st, target, on_chunk_step: train_sft(
+                gen, model, sft_tasks, layout, steps=target, scaling=scaling, pad_id=tokenizer.pad_token_id,
+                lr=lr, tasks_per_step=batch_size, items_per_task=items_per_task, grad_clip=grad_clip, state=st,
+                device=device, precision=precision, on_step=on_chunk_step))
+        data.prompts = {t: [p for p, _ in items] for t, items in task_items.items()}
+        data.checkpoints = {t: [] for t in task_items}
+        meta = {
+            "format": ARTIFACT_FORMAT,
+            "code_version": source_version(SERVICE_VERSION, SOURCE_FILES),
+            "config": decoder_config.to_dict(),
+            **training_meta(data, layout, exclude_tasks, {t: 0 for t in task_items}, state, {
+                **settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
+                "device": str(device), "fingerprint": fingerprint, "precision": precision}),
+            "objective": "sft",
+            "parametrisation": "anchor + gate * scale * decoder",
+            "anchor": anchor_info.ref if anchor_info else None,
+            "items_per_task": {t: len(v) for t, v in task_items.items()},
+            "scaling": scaling,
+            "encoder": reg.encoder_id,
+            "prompt_tokens": decoder_config.prompt_tokens,
+            "n_prompts": n_prompts,
+            "wall_time_s": round(wall_time, 3),
+            "decoder_parameters": generator.decoder.num_parameters(),
+            "gate": float(generator.head.gate),
+        }
+        tensors = {f"{DECODER_PREFIX}{k}": v for k, v in generator.decoder.state_dict().items()}
+        tensors |= {f"{HEAD_PREFIX}{k}": v for k, v in generator.head.state_dict().items()}
+        status("storing the generator")
+        info = reg.add_artifact(name, SFT_ARTIFACT_TYPE, tensors, meta, base_model=data.base_model)
+        work.mark_stored(info.ref, info.sha256, steps)
+        return info
+
+
+def _frozen_dtype(precision: str):
+    from registry.precision import frozen_dtype
+
+    return frozen_dtype(precision)
+
+
+def build_dnd_sft(info, tensors: Mapping, device) -> LoadedGenerator:
+    """Check the artifact's layout, decoder and head, then build the ``SFTGenerator``."""
+    import torch
+
+    from generator.dnd import DnDConfig, DnDDecoder
+    from generator.sft import ResidualHead, SFTGenerator
+    from generator.training import check_layout
+
+    layout = checked_layout(info, ARTIFACT_FORMAT)
+    decoder = model_for_layout(info, lambda: DnDDecoder(DnDConfig.from_dict(info.meta["config"])), check_layout,
+                               layout, "decoder")
+    load_prefixed(decoder, tensors, DECODER_PREFIX, info, "decoder")
+    head = ResidualHead(layout)
+    load_prefixed(head, tensors, HEAD_PREFIX, info, "head")
+    check_peft_layout(info, layout)
+    generator = frozen(SFTGenerator(decoder, head), device)
+    return LoadedGenerator(ref=info.ref, sha256=info.sha256, meta=info.meta, model=generator, layout=layout,
+                           normalizer=None, device=torch.device(device), arch="dnd-sft")
+
+
+def generate_dnd_sft(reg, prompts: list[str], generator_ref, base_model, device, pooled: bool,
+                     precision: str | None = None):
+    import torch
+
+    from generator.dnd_service import _encoder_for, _embed_prompts
+    from generator.tokenizer import tokens_to_state_dict
+    from generator.training import group_prompts, resolve_device
+    from registry.precision import autocast
+
+    start = time.perf_counter()
+    info = generator_ref if hasattr(generator_ref, "sha256") else resolve_any_generator(reg, generator_ref)
+    check_base(info.meta, info.ref, base_model)
+    loaded, cached = load_cached(reg, info, resolve_device(device), build_dnd_sft)
+    precision = resolve_precision(precision, loaded.device)
+    t_loaded = time.perf_counter()
+    encoder = _encoder_for(reg, loaded.meta, loaded.device)
+    condition, vectors = _embed_prompts(encoder, prompts, int(loaded.meta["prompt_tokens"]), precision)  # (P, L, C)
+    sync_device(loaded.device)
+    t_embedded = time.perf_counter()
+    generator = loaded.model
+    with torch.inference_mode(), autocast(precision, loaded.device):
+        groups = group_prompts(condition.to(loaded.device).float(), generator.config.n_prompts)  # (G, N, L, C)
+        decoded = generator.decoder(groups).mean(dim=0)                                           # (T, h, w)
+    weights = generator.head(decoded.float()).cpu()                                               # (T, h, w)
+    state_dict = tokens_to_state_dict(weights, loaded.layout)
+    t_decoded = time.perf_counter()
+    vectors = vectors if pooled and loaded.meta.get("encoder") == reg.encoder_id else None
+    timings = {"load_s": 0.0 if cached else t_loaded - start, "embed_s": t_embedded - t_loaded,
+               "decode_s": t_decoded - t_embedded, "total_s": t_decoded - start, "cached": cached,
+               "generator": loaded.ref, "generator_digest": loaded.sha256, "device": str(loaded.device),
+               "arch": "dnd-sft", "precision": precision}
+    return state_dict, generator_peft_config(loaded.meta), timings, vectors
+
+
+class SFTBackend:
+    """The SFT-trained DnD generator behind the ``GeneratorBackend`` interface."""
+
+    arch = "dnd-sft"
+    artifact_type = SFT_ARTIFACT_TYPE
+    default_batch_size = DEFAULT_TASKS_PER_STEP
+
+    def train(self, reg, **arguments):
+        return train_dnd_sft(reg, **arguments)
+
+    def build(self, info, tensors, device) -> LoadedGenerator:
+        return build_dnd_sft(info, tensors, device)
+
+    def generate(self, reg, prompts, info, base_model, device, pooled, precision=None):
+        return generate_dnd_sft(reg, prompts, info, base_model, device, pooled, precision)
+
+
+SFT = SFTBackend()
