@@ -46,10 +46,11 @@ def bench(
     families: Annotated[int, typer.Option("--families", help="families: whole families held out.")] = 2,
     members: Annotated[int, typer.Option("--members", help="families: members of each held-out family evaluated.")] = 3,
     quick: Annotated[bool, typer.Option("--quick", help="Small run: 2 variants, 1 family of 2, 30 test items, short generator training.")] = False,
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: all but training_mean): base,oracle,multitask,best_other,training_mean,selection,mixture,fusion,dnd,cvae and the controls dnd_other,dnd_random,cvae_other,cvae_random.")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: all but training_mean): base,oracle,multitask,best_other,training_mean,selection,mixture,fusion,dnd,cvae,sft and the controls dnd_other,dnd_random,cvae_other,cvae_random,sft_other,sft_random.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Test items per task (default: all; 30 with --quick).")] = None,
     generator_steps: Annotated[Optional[int], typer.Option("--generator-steps", help="DnD training steps.")] = None,
     cvae_steps: Annotated[Optional[int], typer.Option("--cvae-steps", help="CVAE training steps.")] = None,
+    sft_steps: Annotated[Optional[int], typer.Option("--sft-steps", help="Steps of the DnD decoder trained through the base (sft).")] = None,
     training_mean_max: Annotated[Optional[int], typer.Option("--training-mean-max", help="Training adapters averaged for training_mean (spread evenly).")] = None,
     best_other_max: Annotated[Optional[int], typer.Option("--best-other-max", help="Training adapters tried for best_other (family first, then nearest).")] = None,
     n_prompts: Annotated[int, typer.Option("--n-prompts", help="Train prompts given to the generators and used as the retrieval query.")] = 32,
@@ -70,9 +71,10 @@ def bench(
                              tasks=tasks.split(",") if tasks else None, n_prompts=n_prompts)
     if quick:
         settings.variants, settings.families, settings.members_per_family = 2, 1, 2
-        settings.limit, settings.generator_steps, settings.cvae_steps = 30, 150, 50
+        settings.limit, settings.generator_steps, settings.cvae_steps, settings.sft_steps = 30, 150, 50, 100
         settings.training_mean_max, settings.best_other_max = 4, 4
     for name, value in (("limit", limit), ("generator_steps", generator_steps), ("cvae_steps", cvae_steps),
+                        ("sft_steps", sft_steps),
                         ("training_mean_max", training_mean_max), ("best_other_max", best_other_max)):
         if value is not None:
             setattr(settings, name, value)

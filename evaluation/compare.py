@@ -35,7 +35,7 @@ from evaluation.protocols import PROTOCOLS, Split, custom_split, families_split,
 from evaluation.report import MethodResult, write_report
 
 RETRIEVAL_METHODS = ("selection", "mixture", "fusion")
-GENERATORS = ("dnd", "cvae")
+GENERATORS = ("dnd", "cvae", "sft")  # sft: the DnD decoder trained through the base model
 CONTROLS = tuple(f"{g}_{c}" for g in GENERATORS for c in ("other", "random"))
 ALL_METHODS = ("base", "oracle", "multitask", "best_other", "training_mean", *RETRIEVAL_METHODS, *GENERATORS, *CONTROLS)
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "training_mean")
@@ -59,6 +59,8 @@ class BenchSettings:
     generator_batch_size: int = 8
     cvae_steps: int = 300
     cvae_options: dict = field(default_factory=dict)  # CVAE architecture options (tests use tiny ones)
+    sft_steps: int = 500
+    sft_options: dict = field(default_factory=dict)   # SFT decoder / training options (tests use tiny ones)
     training_mean_max: int | None = 8
     best_other_max: int = 12
     batch_size: int = 32
@@ -249,12 +251,7 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
     context.notes.append(f"[{label}] training tasks ({len(training)}) = retrieval pool: their final harvested "
                          f"adapters; k={settings.k}, one adapter per task")
     wanted = set(settings.methods)
-    for arch in GENERATORS:
-        if wanted & {arch, f"{arch}_other", f"{arch}_random"}:
-            context.generators[arch] = _train_generator(reg, arch, split, training, settings, on_status)
-            context.notes.append(f"[{label}] {arch} generator {context.generators[arch]}: trained on the "
-                                 f"{len(training)} training tasks")
-    if "multitask" in wanted:
+    if "multitask" in wanted or _wants(wanted, "sft"):  # the SFT generator starts from it
         from harvest.service import harvest_multitask, resolve_task
 
         members = [tasks[t] if t in tasks else resolve_task(t) for t in training]
@@ -265,21 +262,43 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
         context.notes.append(f"[{label}] multitask LoRA {context.multitask_ref}: {recipe['config']['steps']} steps, "
                              f"rank {recipe['config']['rank']} (the training tasks' harvest recipe), on the union of "
                              "their train items")
+    for arch in GENERATORS:
+        if _wants(wanted, arch):
+            context.generators[arch] = _train_generator(reg, arch, split, training, settings, on_status,
+                                                        tasks, context.multitask_ref)
+            context.notes.append(f"[{label}] {arch} generator {context.generators[arch]}: trained on the "
+                                 f"{len(training)} training tasks")
     # Fixed after the multitask harvest, so it (and every other non-training harvest) stays out of the pool.
     all_harvested = {a.task for a in reg.list_adapters(kind="harvested") if a.task}
     context.exclude_from_pool = sorted(all_harvested - set(training))
     return context
 
 
-def _train_generator(reg, arch: str, split: Split, training: list[str], settings: BenchSettings, on_status) -> str:
+def _wants(methods: set[str], generator: str) -> bool:
+    return bool(methods & {generator, f"{generator}_other", f"{generator}_random"})
+
+
+def _train_generator(reg, arch: str, split: Split, training: list[str], settings: BenchSettings, on_status,
+                     tasks: dict, multitask_ref: str | None) -> str:
+    """Train (or reuse) one of the split's generators: ``dnd`` and ``cvae`` by reconstruction on the
+    training tasks' harvests, ``sft`` (the DnD decoder trained through the base model on the training
+    tasks' train items, starting from the split's multitask LoRA)."""
     from generator.service import train_generator_from_registry
 
-    steps = settings.generator_steps if arch == "dnd" else settings.cvae_steps
+    steps = {"dnd": settings.generator_steps, "cvae": settings.cvae_steps, "sft": settings.sft_steps}[arch]
     on_status(f"{split.protocol}: training the {arch} generator on {len(training)} tasks")
-    options = dict(batch_size=settings.generator_batch_size, n_prompts=16) if arch == "dnd" else dict(settings.cvae_options)
+    if arch == "dnd":
+        options = dict(batch_size=settings.generator_batch_size, n_prompts=16)
+    elif arch == "cvae":
+        options = dict(settings.cvae_options, arch="cvae")
+    else:
+        from harvest.service import resolve_task
+
+        items = {t: [(e.prompt, e.answer) for e in (tasks.get(t) or resolve_task(t)).split("train")] for t in training}
+        options = dict(settings.sft_options, objective="sft", task_items=items, anchor=multitask_ref)
     artifact = train_generator_from_registry(
         reg, name=f"bench-{arch}-{split.protocol}", tasks=training, exclude_tasks=list(split.held_out), steps=steps,
-        seed=settings.seed, arch=arch, on_status=on_status,
+        seed=settings.seed, on_status=on_status,
         on_step=lambda step, total, loss: on_status(f"{split.protocol}: {arch} step {step}/{total}, loss {loss:.4f}"),
         **options)
     return artifact.ref

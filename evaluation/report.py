@@ -28,6 +28,9 @@ METHOD_LABELS = {
     "cvae": "CVAE generated",
     "cvae_other": "CVAE, another task's prompts",
     "cvae_random": "CVAE, random strings",
+    "sft": "DnD trained through the base (SFT)",
+    "sft_other": "SFT DnD, another task's prompts",
+    "sft_random": "SFT DnD, random strings",
 }
 RETRIEVAL = ("selection", "mixture", "fusion")
 
@@ -109,7 +112,7 @@ def collapse_verdicts(results: list[MethodResult]) -> dict[str, dict]:
     """Per generator: own-prompt adapters minus each control (paired). Collapsed unless both
     intervals lie above 0."""
     verdicts = {}
-    for generator in ("dnd", "cvae"):
+    for generator in ("dnd", "cvae", "sft"):
         own = _per_task(results, generator)
         if not own:
             continue

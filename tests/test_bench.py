@@ -7,6 +7,7 @@ import json
 import pytest
 
 TINY_CVAE = {"positions": 16, "flat_channels": 4, "latent_dim": 8, "cond_embed": 8, "device": "cpu"}
+TINY_SFT = {"n_prompts": 4, "prompt_tokens": 8, "n_layers": 2, "hidden_tokens": 8, "items_per_task": 2, "device": "cpu"}
 FAMILIES = {"arithmetic": ("add_sub", "chain_sum", "plus_words"), "counting": ("letter_count", "word_count", "digit_count")}
 
 
@@ -29,7 +30,7 @@ def _settings(**changes):
     from evaluation.compare import BenchSettings
 
     settings = BenchSettings(variants=2, families=1, members_per_family=2, limit=3, k=2, generator_steps=2,
-                             cvae_steps=2, cvae_options=TINY_CVAE, best_other_max=3, training_mean_max=2, n_prompts=8,
+                             cvae_steps=2, cvae_options=TINY_CVAE, sft_steps=2, sft_options=TINY_SFT, best_other_max=3, training_mean_max=2, n_prompts=8,
                              generator_batch_size=2)
     for key, value in changes.items():
         setattr(settings, key, value)
@@ -71,7 +72,10 @@ def test_bench_v2_both_protocols_every_method_and_resume(harvested, tmp_path):
         for protocol in splits:
             generator = reg.resolve_artifact(rows[(protocol, splits[protocol]["held_out"][0], "cvae")]["extra"]["generator"])
             assert not set(generator.meta["tasks"]) & set(splits[protocol]["held_out"])
-        assert set(report["splits"]["variants"]["collapse"]) == {"dnd", "cvae"}
+        assert set(report["splits"]["variants"]["collapse"]) == {"dnd", "cvae", "sft"}
+        sft = reg.resolve_artifact(rows[("variants", "chain_sum", "sft")]["extra"]["generator"])
+        assert sft.artifact_type == "generator-dnd-sft" and sft.meta["anchor"] == rows[("variants", "chain_sum", "multitask")]["adapter_ref"]
+        assert not set(sft.meta["tasks"]) & set(splits["variants"]["held_out"])
         text = paths["markdown"].read_text()
         assert "## Split `variants`" in text and "## Split `families`" in text and "minus multitask" in text
         assert "bench-dnd-variants@" in text and "multitask LoRA multitask-" in text
