@@ -118,6 +118,14 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
           "October", "November", "December")
 
 
+def words_of_distinct_lengths(rng: random.Random, k: int) -> list[str]:
+    """``k`` words of ``k`` different lengths (each length drawn once, then a word of it)."""
+    by_length: dict[int, list[str]] = {}
+    for word in WORDS:
+        by_length.setdefault(len(word), []).append(word)
+    return [rng.choice(by_length[n]) for n in rng.sample(sorted(by_length), k)]
+
+
 def distinct_words(rng: random.Random, k: int, pool: tuple[str, ...] = WORDS) -> list[str]:
     """``k`` different words from ``pool`` (order as drawn)."""
     return rng.sample(sorted(set(pool)), k)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harvest.zoo._spec import WORDS, distinct_words, family, options, procedural
+from harvest.zoo._spec import WORDS, distinct_words, family, words_of_distinct_lengths, options, procedural
 
 add = family("multiple_choice", "Pick the right option among two to four; the answer is its letter.")
 
@@ -54,11 +54,7 @@ def _first_alphabetical(rng):
 
 
 def _longest(rng):
-    by_length = {}
-    for word in WORDS:
-        by_length.setdefault(len(word), []).append(word)
-    lengths = rng.sample(sorted(by_length), 3)
-    words = [rng.choice(by_length[n]) for n in lengths]
+    words = words_of_distinct_lengths(rng, 3)
     longest = max(words, key=len)
     text, label = options(rng, longest, [w for w in words if w != longest])
     return f"Which word has the most letters? {text}", label

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harvest.zoo._spec import WORDS, distinct_words, family, procedural, rg
+from harvest.zoo._spec import WORDS, distinct_words, family, words_of_distinct_lengths, procedural, rg
 
 add = family("sorting", "Order numbers, words, letters or digits, ascending or descending.")
 
@@ -55,11 +55,7 @@ def _decimals(rng):
 
 
 def _by_length(rng):
-    by_length = {}
-    for word in WORDS:
-        by_length.setdefault(len(word), []).append(word)
-    lengths = rng.sample(sorted(by_length), 3)
-    words = [rng.choice(by_length[n]) for n in lengths]
+    words = words_of_distinct_lengths(rng, 3)
     return f"Sort these words from shortest to longest: {', '.join(words)}", ", ".join(sorted(words, key=len))
 
 
