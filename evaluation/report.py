@@ -5,7 +5,6 @@ Markdown, JSON and two PNG plots."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, field

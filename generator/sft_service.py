@@ -68,7 +68,6 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     ``batch_size`` is the number of tasks per step, each with ``items_per_task`` items; ``anchor`` a
     REF of the adapter the generated LoRA starts from (the multitask LoRA; None: a fixed random A
     with B = 0)."""
-    import torch
 
     from generator.dnd import DnDConfig, DnDDecoder
     from generator.dnd_service import _encoder_for, _embed_prompts

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harvest.zoo._spec import WORDS, distinct_words, family, words_of_distinct_lengths, options, procedural
+from harvest.zoo._spec import distinct_words, family, options, procedural, words_of_distinct_lengths
 
 add = family("multiple_choice", "Pick the right option among two to four; the answer is its letter.")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harvest.zoo._spec import WORDS, distinct_words, family, words_of_distinct_lengths, procedural, rg
+from harvest.zoo._spec import distinct_words, family, procedural, rg, words_of_distinct_lengths
 
 add = family("sorting", "Order numbers, words, letters or digits, ascending or descending.")
 
