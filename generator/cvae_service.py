@@ -32,8 +32,7 @@ from generator.backend import check_base, resolve_precision, sync_device
 from generator.dnd_service import DEFAULT_LR, DEFAULT_SAVE_EVERY, DEFAULT_STEPS
 from generator.errors import GeneratorError, GeneratorLayoutError
 from generator.trainset import TrainingSet, collect_training_set
-from generator.workdir import (WorkDir, model_and_state, run_chunked_training, sha256_json, source_version,
-                               stored_artifact, training_meta)
+from generator.workdir import WorkDir, sha256_json, source_version, train_and_store, training_meta
 from registry.errors import RegistryError
 from registry.precision import identity as precision_identity
 
@@ -224,27 +223,7 @@ def train_cvae_from_registry(
 
     condition = {"format": TASK_VECTOR_FORMAT, "max_length": max_length, "chat": True, "hidden_size": hidden}
     fingerprint = cvae_fingerprint(data, cvae_config.to_dict(), base_identity, condition, settings, name, precision)
-    work = WorkDir(reg.home / "work" / "generators" / fingerprint[:24])
-    with work.locked():
-        if not resume:
-            work.clear()
-        info = stored_artifact(reg, work, steps, CVAE_ARTIFACT_TYPE, status)
-        if info is not None:
-            return info
-        model, state, record = model_and_state(work, lambda: LoraCVAE(cvae_config), seed, steps)
-        wall_before = float(record.get("wall_time_s", 0.0)) if record else 0.0
-        resumed_from = state.step
-        status(f"training on {device}" + (f", resuming at step {resumed_from}" if resumed_from else ""))
-
-        model, state, wall_time = run_chunked_training(
-            work, model, state, steps=steps, save_every=save_every, on_step=on_step, wall_before=wall_before,
-            record={"fingerprint": fingerprint, "name": name, "arch": "cvae"},
-            train_chunk=lambda model, state, target, on_chunk_step: train_cvae(
-                model, dataset, steps=target, lr=lr, batch_size=batch_size, device=device, on_step=on_chunk_step,
-                state=state, seed=seed, kl_weight=kl_weight, weight_decay=settings.weight_decay,
-                grad_clip=settings.grad_clip,
-                precision=precision))
-
+    def store(model, state, wall_time: float, resumed_from: int) -> tuple[dict, dict]:
         meta = {
             "format": CVAE_ARTIFACT_FORMAT,
             "arch": "cvae",
@@ -267,10 +246,17 @@ def train_cvae_from_registry(
         tensors[f"{NORMALIZER_PREFIX}mean"] = normalizer.mean.contiguous()
         tensors[f"{NORMALIZER_PREFIX}std"] = normalizer.std.contiguous()
         tensors |= {f"{TASK_VECTOR_PREFIX}{t}": v.float().contiguous() for t, v in vectors.items()}
-        status("storing the generator")
-        info = reg.add_artifact(name, CVAE_ARTIFACT_TYPE, tensors, meta, base_model=data.base_model)
-        work.mark_stored(info.ref, info.sha256, steps)
-        return info
+        return tensors, meta
+
+    return train_and_store(
+        reg, WorkDir(reg.home / "work" / "generators" / fingerprint[:24]), artifact_type=CVAE_ARTIFACT_TYPE,
+        steps=steps, resume=resume, status=status, build_model=lambda: LoraCVAE(cvae_config), seed=seed,
+        device=device, save_every=save_every, on_step=on_step,
+        record={"fingerprint": fingerprint, "name": name, "arch": "cvae", "base_model": data.base_model},
+        store=store, train_chunk=lambda model, state, target, on_chunk_step: train_cvae(
+            model, dataset, steps=target, lr=lr, batch_size=batch_size, device=device, on_step=on_chunk_step,
+            state=state, seed=seed, kl_weight=kl_weight, weight_decay=settings.weight_decay,
+            grad_clip=settings.grad_clip, precision=precision))
 
 
 # -----------------------------------------------------------------------------

@@ -26,8 +26,7 @@ from generator.artifacts import (ARTIFACT_TYPE, NORMALIZER_PREFIX, LoadedGenerat
 from generator.backend import check_base, resolve_precision, sync_device
 from generator.errors import GeneratorError, GeneratorLayoutError
 from generator.trainset import TrainingSet, collect_training_set
-from generator.workdir import (WorkDir, model_and_state, run_chunked_training, sha256_json, source_version,
-                               stored_artifact, training_meta)
+from generator.workdir import WorkDir, sha256_json, source_version, train_and_store, training_meta
 from registry.precision import identity as precision_identity
 
 ARTIFACT_FORMAT = "dnd-generator-artifact/1"
@@ -160,27 +159,9 @@ def train_dnd(reg, *, name: str = "dnd", tasks: Sequence[str] | None = None, exc
                                spread_weighting=settings.spread_weighting)
 
     fingerprint = dnd_fingerprint(data, decoder_config.to_dict(), reg.encoder_id, settings, name, precision)
-    work = WorkDir(reg.home / "work" / "generators" / fingerprint[:24])
-    with work.locked():
-        if not resume:
-            work.clear()
-        info = stored_artifact(reg, work, steps, ARTIFACT_TYPE, status)
-        if info is not None:
-            return info
-        model, state, record = model_and_state(work, lambda: DnDDecoder(decoder_config), settings.seed, steps)
-        wall_before = float(record.get("wall_time_s", 0.0)) if record else 0.0
-        resumed_from = state.step
-        device = resolve_device(device)
-        status(f"training on {device}" + (f", resuming at step {resumed_from}" if resumed_from else ""))
+    device = resolve_device(device)
 
-        model, state, wall_time = run_chunked_training(
-            work, model, state, steps=steps, save_every=settings.save_every, on_step=on_step, wall_before=wall_before,
-            record={"fingerprint": fingerprint, "name": name},
-            train_chunk=lambda model, state, target, on_chunk_step: train_generator(
-                model, dataset, steps=target, lr=lr, batch_size=batch_size, device=device, on_step=on_chunk_step,
-                state=state, seed=settings.seed, weight_decay=settings.weight_decay, grad_clip=settings.grad_clip,
-                precision=precision))
-
+    def store(model, state, wall_time: float, resumed_from: int) -> tuple[dict, dict]:
         meta = {
             "format": ARTIFACT_FORMAT,
             "code_version": code_version(),
@@ -197,10 +178,17 @@ def train_dnd(reg, *, name: str = "dnd", tasks: Sequence[str] | None = None, exc
         }
         tensors = {f"{DECODER_PREFIX}{k}": v for k, v in model.state_dict().items()}
         tensors |= {f"{NORMALIZER_PREFIX}{k}": v for k, v in normalizer.state_dict().items()}
-        status("storing the generator")
-        info = reg.add_artifact(name, ARTIFACT_TYPE, tensors, meta, base_model=data.base_model)
-        work.mark_stored(info.ref, info.sha256, steps)
-        return info
+        return tensors, meta
+
+    return train_and_store(
+        reg, WorkDir(reg.home / "work" / "generators" / fingerprint[:24]), artifact_type=ARTIFACT_TYPE, steps=steps,
+        resume=resume, status=status, build_model=lambda: DnDDecoder(decoder_config), seed=settings.seed,
+        device=device, save_every=settings.save_every, on_step=on_step,
+        record={"fingerprint": fingerprint, "name": name, "base_model": data.base_model}, store=store,
+        train_chunk=lambda model, state, target, on_chunk_step: train_generator(
+            model, dataset, steps=target, lr=lr, batch_size=batch_size, device=device, on_step=on_chunk_step,
+            state=state, seed=settings.seed, weight_decay=settings.weight_decay, grad_clip=settings.grad_clip,
+            precision=precision))
 
 
 # -----------------------------------------------------------------------------

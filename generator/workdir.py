@@ -215,3 +215,33 @@ def training_meta(data: TrainingSet, layout, exclude_tasks: Sequence[str], check
         "loss_curve": subsample_curve(losses),
         "training": training,
     }
+
+
+def train_and_store(reg, work: WorkDir, *, artifact_type: str, steps: int, resume: bool, status, build_model,
+                    seed: int, device, save_every: int, on_step, record: dict, train_chunk, store):
+    """The run every backend shares, under the work folder's lock: start over (``resume=False``) or
+    resume, return the artifact this exact run already stored, else train to ``steps`` in saved
+    chunks and store the result.
+
+    ``build_model()`` makes the freshly seeded model; ``train_chunk`` is ``run_chunked_training``'s;
+    ``store(model, state, wall_time_s, resumed_from) -> (tensors, meta)`` makes what is stored as
+    ``record["name"]``, base model ``record["base_model"]``. Returns the ``ArtifactInfo``.
+    """
+    with work.locked():
+        if not resume:
+            work.clear()
+        info = stored_artifact(reg, work, steps, artifact_type, status)
+        if info is not None:
+            return info
+        model, state, saved = model_and_state(work, build_model, seed, steps)
+        wall_before = float(saved.get("wall_time_s", 0.0)) if saved else 0.0
+        resumed_from = state.step
+        status(f"training on {device}" + (f", resuming at step {resumed_from}" if resumed_from else ""))
+        model, state, wall_time = run_chunked_training(
+            work, model, state, steps=steps, save_every=save_every, on_step=on_step, wall_before=wall_before,
+            record={k: v for k, v in record.items() if k != "base_model"}, train_chunk=train_chunk)
+        tensors, meta = store(model, state, wall_time, resumed_from)
+        status("storing the generator")
+        info = reg.add_artifact(record["name"], artifact_type, tensors, meta, base_model=record.get("base_model"))
+        work.mark_stored(info.ref, info.sha256, steps)
+        return info
