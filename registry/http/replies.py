@@ -11,8 +11,11 @@ Why not Starlette's ``FileResponse`` (it parses Range / If-Range too): it stream
 open blob to one ``sendfile`` with the headers in the same TCP segment (``benchmarks/
 bench_serve_load.py`` measures it); it answers a multi-range request with ``multipart/byteranges``
 where this server sends the whole file (tested); and it takes a path, where the reads here hold an
-already verified open handle (a blob swapped after its check is never served). So it would be
-slower and answer differently; the hand-written path stays.
+already verified open handle (a blob swapped after its check is never served). Measured with
+``benchmarks/bench_file_response.py --mb 32 --requests 10`` (same uvicorn protocol, loopback, a
+loaded 2-core machine): whole 32 MiB GETs 841 vs 192 MB/s (12 vs 93 ms server CPU per request),
+1 MiB Range GETs 1619 vs 186 MB/s (0.3 vs 4.4 ms). So it would be slower and answer differently;
+the hand-written path stays.
 """
 
 from __future__ import annotations
