@@ -8,6 +8,7 @@ import json
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError as SQLIntegrityError
 
+from registry.db import name_lock
 from registry.errors import NotFound, RegistryError
 from registry.records import ArtifactInfo, artifact_info
 from registry.refs import parse_ref, validate_name
@@ -28,13 +29,19 @@ class ArtifactMethods:
         validate_name(name)
         data = save({k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())},
                     metadata={"format": "pt"})
-        digest = self.blobs.put(data)
+        _check_finite(tensors, name)
+        with self.blobs.guard():
+            digest = self.blobs.put(data)
+            return self._insert_artifact(name, artifact_type, digest, len(data), meta, base_model)
+
+    def _insert_artifact(self, name, artifact_type, digest, size, meta, base_model) -> ArtifactInfo:
         for _attempt in range(5):
             try:
-                with self.session() as session:
+                with self.write_session() as session:
+                    name_lock(session, f"artifact:{name}")
                     latest = session.scalar(select(func.max(Artifact.version)).where(Artifact.name == name))
                     row = Artifact(name=name, version=(latest or 0) + 1, artifact_type=artifact_type,
-                                   base_model=base_model, sha256=digest, size_bytes=len(data),
+                                   base_model=base_model, sha256=digest, size_bytes=size,
                                    meta=json.loads(json.dumps(meta)), created_at=utc_now())
                     session.add(row)
                     session.flush()
@@ -81,3 +88,12 @@ class ArtifactMethods:
 
         info = self.resolve_artifact(ref, artifact_type)
         return load(self._read_blob(info.sha256)), info
+
+
+def _check_finite(tensors: dict, name: str) -> None:
+    """Refuse to store a diverged generator: every floating tensor must be finite."""
+    import torch
+
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RegistryError(f"artifact {name}: tensor {key!r} contains NaN or Inf values (training diverged?)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -23,10 +24,32 @@ def sha256_file(path: Path) -> str:
 
 
 class BlobStore:
-    """Immutable blobs addressed by their sha256."""
+    """Immutable blobs addressed by their sha256.
+
+    A blob is written before the SQL row that references it commits, so deleting one that looks
+    unreferenced could race an add in flight. ``guard()`` closes that: an add holds it shared from
+    ``put`` until its row is committed, a deletion (``remove``, ``doctor --repair``) holds it
+    exclusive while it re-checks SQL and unlinks. A waiting deletion blocks new adds (the
+    ``intent`` lock), so a steady stream of adds cannot starve it.
+    """
 
     def __init__(self, root: Path):
         self.root = root
+
+    @contextlib.contextmanager
+    def guard(self, *, exclusive: bool = False):
+        """Shared: blobs put inside the block survive until it ends. Exclusive: no add is in flight."""
+        from registry.locks import file_lock
+
+        intent, main = self.root / ".delete-intent.lock", self.root / ".adds.lock"
+        if exclusive:
+            with file_lock(intent), file_lock(main):
+                yield
+            return
+        with file_lock(intent, shared=True):
+            pass  # wait while a deletion is queued
+        with file_lock(main, shared=True):
+            yield
 
     def path(self, digest: str) -> Path:
         return self.root / "sha256" / digest[:2] / digest

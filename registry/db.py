@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -14,21 +15,50 @@ import migrations
 MIGRATIONS_DIR = Path(migrations.__file__).parent
 
 
+WRITE = "registry_write"  # execution option of the engine that write transactions run on
+
+
 def make_engine(url: str) -> Engine:
-    """An engine; SQLite gets WAL, foreign keys and a busy timeout so CLI processes can overlap."""
+    """An engine; SQLite gets WAL, foreign keys, a busy timeout so CLI processes can overlap, and
+    real transactions.
+
+    pysqlite opens a transaction only before the first INSERT/UPDATE/DELETE, so a read that decides
+    a write (the next version number, a metrics merge) and DDL ran outside any transaction. Here
+    the driver's own handling is switched off and every transaction starts with an explicit
+    ``BEGIN`` (SQLAlchemy's pysqlite recipe); on ``write_engine(engine)`` it is ``BEGIN IMMEDIATE``,
+    which takes SQLite's write lock first, so a read-modify-write cannot interleave with another
+    writer (and waits on the busy timeout instead of failing with "database is locked").
+    """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None  # autocommit at the driver: we emit BEGIN
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
+
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def write_engine(engine: Engine) -> Engine:
+    """The same engine (same pool) whose transactions take the write lock first on SQLite."""
+    return engine.execution_options(**{WRITE: True})
+
+
+def name_lock(session, key: str) -> None:
+    """Serialise writers of one name for the rest of the transaction: a PostgreSQL advisory
+    transaction lock (SQLite's ``BEGIN IMMEDIATE`` already serialises every writer)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": key})
 
 
 def alembic_config(url: str):
@@ -58,7 +88,7 @@ def upgrade(engine: Engine, url: str, revision: str = "head") -> None:
     from alembic import command
 
     config = alembic_config(url)
-    with engine.begin() as conn:
+    with write_engine(engine).begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
 
@@ -114,5 +144,33 @@ def ensure_schema(engine: Engine, url: str) -> None:
     head = quick_head_revision()
     if head is not None and stored_revisions(engine) == [head]:
         return
-    if current_revision(engine) != head_revision(url):
-        upgrade(engine, url)
+    with migration_lock(engine, url):
+        # another process may have migrated while this one waited for the lock
+        if current_revision(engine) != head_revision(url):
+            upgrade(engine, url)
+
+
+@contextlib.contextmanager
+def migration_lock(engine: Engine, url: str):
+    """One migrator at a time: a PostgreSQL session advisory lock, or a lock file beside the SQLite
+    database (whose migration is one transaction, so a kill mid-way leaves the old schema)."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+                conn.commit()
+        return
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    from registry.locks import file_lock
+
+    with file_lock(Path(database).with_name(Path(database).name + ".migrate.lock")):
+        yield
+
+
+_MIGRATION_LOCK_KEY = 0x6C6F7261  # "lora": the registry's one session-level advisory lock

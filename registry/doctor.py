@@ -12,7 +12,6 @@ from registry import peft_io
 from registry.atomic import TEMP_PREFIX, atomic_write
 from registry.blobs import sha256_file
 from registry.index import AdapterIndex
-from registry.records import EMBEDDING_DIM
 from registry.schema import Adapter, Artifact
 
 
@@ -37,9 +36,7 @@ def doctor(reg, repair: bool = False) -> DoctorReport:
     with reg.session() as session:
         rows = session.execute(select(Adapter.id, Adapter.name, Adapter.version, Adapter.weights_sha256,
                                       Adapter.digest).where(Adapter.removed_at.is_(None))).all()
-        artifact_digests = set(session.scalars(select(Artifact.sha256).where(Artifact.removed_at.is_(None))))
     report.checked_adapters = len(rows)
-    referenced = {r.weights_sha256 for r in rows} | artifact_digests
     for row in rows:
         path = reg.blobs.path(row.weights_sha256)
         if not path.exists() or sha256_file(path) != row.weights_sha256:
@@ -50,28 +47,42 @@ def doctor(reg, repair: bool = False) -> DoctorReport:
                 report.repaired.append(f"{problem}; restored from the fetch cache")
             else:
                 report.problems.append(problem + ("; no intact copy to restore from" if repair else ""))
-    for digest in sorted(reg.blobs.all_digests() - referenced):
-        if repair:
-            reg.blobs.delete(digest)
-            report.repaired.append(f"deleted unreferenced blob {digest[:12]}")
+    # Blobs and partial writes are judged under the blob guard, with the references re-read inside
+    # it: an add in flight (blob written, row not yet committed) is waited for, never deleted.
+    with reg.blobs.guard(exclusive=True):
+        with reg.session() as session:
+            referenced = set(session.scalars(select(Adapter.weights_sha256).where(Adapter.removed_at.is_(None))))
+            referenced |= set(session.scalars(select(Artifact.sha256).where(Artifact.removed_at.is_(None))))
+        for digest in sorted(reg.blobs.all_digests() - referenced):
+            if repair:
+                reg.blobs.delete(digest)
+                report.repaired.append(f"deleted unreferenced blob {digest[:12]}")
+            else:
+                report.problems.append(f"unreferenced blob {digest[:12]} (left by an interrupted add or a removal)")
+        temps = sorted((reg.blobs.root / "sha256").glob(f"??/{TEMP_PREFIX}*")) if (reg.blobs.root / "sha256").exists() else []
+        for temp in temps:
+            if repair:
+                temp.unlink(missing_ok=True)
+                report.repaired.append(f"deleted partial write {temp.name}")
+            else:
+                report.problems.append(f"partial write {temp.name} left by an interrupted add")
+    with reg._index_lock():
+        for temp in sorted((reg.home / "index").glob(f"{TEMP_PREFIX}*")):
+            if repair:
+                temp.unlink(missing_ok=True)
+                report.repaired.append(f"deleted partial index write {temp.name}")
+            else:
+                report.problems.append(f"partial index write {temp.name} left by an interrupted save")
+        index = AdapterIndex(reg.home / "index", reg._embedding_dim(), reg.encoder_id)
+        live_ids, _ = reg._live_embeddings()
+        if not index.load():
+            problem = "FAISS index missing or unreadable" if len(live_ids) else None
         else:
-            report.problems.append(f"unreferenced blob {digest[:12]} (left by an interrupted add or a removal)")
-    for temp in (reg.blobs.root / "sha256").glob(f"??/{TEMP_PREFIX}*") if (reg.blobs.root / "sha256").exists() else []:
-        if repair:
-            temp.unlink(missing_ok=True)
-            report.repaired.append(f"deleted partial write {temp.name}")
-        else:
-            report.problems.append(f"partial write {temp.name} left by an interrupted add")
-    index = AdapterIndex(reg.home / "index", EMBEDDING_DIM, reg.encoder_id)
-    live_ids, _ = reg._live_embeddings()
-    if not index.load():
-        problem = "FAISS index missing or unreadable" if len(live_ids) else None
-    else:
-        present, live = index.ids(), set(int(i) for i in live_ids)
-        problem = None
-        if present != live:
-            problem = (f"FAISS index out of sync with SQL: {len(live - present)} missing, "
-                       f"{len(present - live)} stale")
+            present, live = index.ids(), set(int(i) for i in live_ids)
+            problem = None
+            if present != live:
+                problem = (f"FAISS index out of sync with SQL: {len(live - present)} missing, "
+                           f"{len(present - live)} stale")
     if problem:
         if repair:
             report.repaired.append(f"{problem}; rebuilt {reg.reindex()} vectors from SQL")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from registry import faults
 from registry.atomic import atomic_write
 
 HNSW_THRESHOLD = 20_000
@@ -75,6 +76,7 @@ class AdapterIndex:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         atomic_write(self.index_path, faiss.serialize_index(self.index).tobytes())
+        faults.point("index.between_files")
         meta = {"dim": self.dim, "encoder": self.encoder, "count": self.index.ntotal,
                 "kind": self.kind, "tombstones": sorted(self.tombstones)}
         atomic_write(self.meta_path, json.dumps(meta).encode())
@@ -118,8 +120,11 @@ class AdapterIndex:
         return (self.index.ntotal if self.index is not None else 0) - len(self.tombstones)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        if self.index is None:
+        if self.index is None or (self.index.ntotal == 0 and vectors.shape[1] != self.dim):
+            self.dim = int(vectors.shape[1])  # an empty index takes the width of its first vectors
             self.rebuild(np.empty(0, np.int64), np.empty((0, self.dim), np.float32))
+        elif vectors.shape[1] != self.dim:
+            raise ValueError(f"vectors of width {vectors.shape[1]} for an index of width {self.dim}")
         if self.kind == "flat" and self.index.ntotal + len(ids) >= HNSW_THRESHOLD:
             # Growing past the exact-search size: move to HNSW (same ids, same vectors).
             old_ids, old_vectors = self.contents()

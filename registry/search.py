@@ -11,9 +11,11 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from sqlalchemy import select
 
+from registry import faults
 from registry.embeddings import embed_texts, mean_embedding
 from registry.errors import RegistryError
 from registry.index import AdapterIndex
+from registry.locks import file_lock
 from registry.records import EMBEDDING_DIM, SearchHit, adapter_infos, bytes_vector
 from registry.schema import Adapter
 
@@ -39,6 +41,11 @@ class IndexMethods:
                 raise RegistryError("the search query is empty")
             vector = mean_embedding(embed_texts(texts, self.encoder))
         index = self._get_index()
+        if index.index is None or index.index.ntotal == 0:
+            return []
+        if vector.shape[-1] != index.dim:
+            raise RegistryError(f"the query vector has width {vector.shape[-1]}, the index {index.dim} "
+                                f"(encoder {self.encoder_id})")
         conditions = self._filter_conditions(base_model, kind, set(exclude_tasks), layout, tasks)
         # Over-fetch from FAISS and filter the hits in SQL, widening until k rows pass (or the
         # whole index was seen): cheap for the usual filters, exact in the end for narrow ones.
@@ -81,15 +88,32 @@ class IndexMethods:
                 Adapter.removed_at.is_(None), Adapter.embedding.is_not(None),
                 Adapter.encoder == self.encoder_id).order_by(Adapter.id)).all()
         ids = np.array([r[0] for r in rows], dtype=np.int64)
-        vectors = np.stack([bytes_vector(r[1]) for r in rows]) if rows else np.empty((0, EMBEDDING_DIM), np.float32)
+        vectors = (np.stack([bytes_vector(r[1]) for r in rows]) if rows
+                   else np.empty((0, self._embedding_dim()), np.float32))
         return ids, vectors
+
+    def _embedding_dim(self) -> int:
+        """The width of this encoder's vectors: read from one stored embedding (no encoder load);
+        the default encoder's width while none is stored (an empty index adopts the width of its
+        first vectors, ``AdapterIndex.add``)."""
+        with self.session() as session:
+            stored = session.scalar(select(Adapter.embedding).where(
+                Adapter.embedding.is_not(None), Adapter.encoder == self.encoder_id).limit(1))
+        return len(stored) // 4 if stored else EMBEDDING_DIM
+
+    def _index_lock(self):
+        """Held while the index files are read or written: a save is a merge with SQL, so two
+        writers saving at once can no longer drop each other's ids (last writer wins)."""
+        return file_lock(self.home / "index" / ".lock")
 
     def _get_index(self) -> AdapterIndex:
         """The loaded index, caught up with SQL (adds and removals made by other processes)."""
         if self._index is not None:
             return self._index
-        index = AdapterIndex(self.home / "index", EMBEDDING_DIM, self.encoder_id)
-        if not index.load():
+        index = AdapterIndex(self.home / "index", self._embedding_dim(), self.encoder_id)
+        with self._index_lock():
+            loaded = index.load()
+        if not loaded:
             ids, vectors = self._live_embeddings()
             index.rebuild(ids, vectors)
             self._index = index
@@ -99,7 +123,8 @@ class IndexMethods:
         self._catch_up(index)
         return index
 
-    def _catch_up(self, index: AdapterIndex) -> tuple[int, int]:
+    def _sync(self, index: AdapterIndex) -> tuple[int, int]:
+        """Make ``index`` hold exactly SQL's live ids for this encoder; (added, removed)."""
         with self.session() as session:
             live = set(session.scalars(select(Adapter.id).where(
                 Adapter.removed_at.is_(None), Adapter.embedding.is_not(None), Adapter.encoder == self.encoder_id)))
@@ -111,9 +136,13 @@ class IndexMethods:
             index.add(np.array([r[0] for r in rows], np.int64), np.stack([bytes_vector(r[1]) for r in rows]))
         if extra:
             index.remove(extra)
-        if missing or extra:
-            self._save_index()
         return len(missing), len(extra)
+
+    def _catch_up(self, index: AdapterIndex) -> tuple[int, int]:
+        added, removed = self._sync(index)
+        if added or removed:
+            self._save_index()
+        return added, removed
 
     def refresh_index(self) -> tuple[int, int]:
         """Catch the in-memory index up with adds/removals other processes made; (added, removed)."""
@@ -132,7 +161,13 @@ class IndexMethods:
             self._index = None
 
     def _save_index(self) -> None:
-        if not self._defer_index_save and self._index is not None:
+        """Write the index, merged with SQL under the index lock: whatever other processes
+        committed and saved meanwhile is kept, so the file on disk never loses an id."""
+        if self._defer_index_save or self._index is None:
+            return
+        with self._index_lock():
+            self._sync(self._index)
+            faults.point("index.before_save")
             self._index.save()
 
     @contextlib.contextmanager
@@ -147,9 +182,10 @@ class IndexMethods:
 
     def reindex(self) -> int:
         """Rebuild the FAISS index from SQL; returns the number of vectors."""
-        ids, vectors = self._live_embeddings()
-        index = AdapterIndex(self.home / "index", EMBEDDING_DIM, self.encoder_id)
-        index.rebuild(ids, vectors)
+        with self._index_lock():
+            ids, vectors = self._live_embeddings()
+            index = AdapterIndex(self.home / "index", vectors.shape[1], self.encoder_id)
+            index.rebuild(ids, vectors)
+            index.save()
         self._index = index
-        self._save_index()
         return len(ids)

@@ -30,7 +30,8 @@ from registry import peft_io
 from registry.artifacts import ArtifactMethods
 from registry.atomic import atomic_write
 from registry.blobs import BlobStore, sha256_bytes, sha256_file
-from registry.db import ensure_schema, make_engine
+from registry import faults
+from registry.db import ensure_schema, make_engine, name_lock, write_engine
 from registry.embeddings import embed_texts, encoder_id, mean_embedding
 from registry.errors import IntegrityError, InvalidAdapter, NotFound, RegistryError
 from registry.index import AdapterIndex
@@ -38,7 +39,7 @@ from registry.paths import database_url, registry_home
 from registry.records import (ADAPTER_KINDS, EMBEDDING_DIM, AdapterInfo, ArtifactInfo, SearchHit, adapter_infos,
                               bytes_vector, vector_bytes)
 from registry.refs import Ref, parse_ref, validate_alias, validate_name
-from registry.schema import Adapter, AdapterTag, Alias, Lineage, Prompt, utc_now
+from registry.schema import Adapter, AdapterTag, Alias, Artifact, Lineage, Prompt, utc_now
 from registry.search import IndexMethods
 
 __all__ = ["ADAPTER_KINDS", "EMBEDDING_DIM", "AdapterInfo", "ArtifactInfo", "Registry", "SearchHit",
@@ -69,6 +70,7 @@ class Registry(IndexMethods, ArtifactMethods):
         self.engine = make_engine(url)
         ensure_schema(self.engine, url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(write_engine(self.engine), expire_on_commit=False)
         self.blobs = BlobStore(home / "blobs")
         self._index: AdapterIndex | None = None
         self._defer_index_save = False
@@ -91,7 +93,15 @@ class Registry(IndexMethods, ArtifactMethods):
 
     @contextlib.contextmanager
     def session(self):
+        """A read transaction (writes inside it are allowed but may meet a concurrent writer)."""
         with self._sessions() as session, session.begin():
+            yield session
+
+    @contextlib.contextmanager
+    def write_session(self):
+        """A transaction for a read-modify-write: on SQLite it holds the write lock from its first
+        statement (``BEGIN IMMEDIATE``), so what it reads cannot change before it commits."""
+        with self._write_sessions() as session, session.begin():
             yield session
 
     # -- resolving -------------------------------------------------------------------------------
@@ -182,7 +192,6 @@ class Registry(IndexMethods, ArtifactMethods):
         config_sha, weights_sha = sha256_bytes(config_bytes), sha256_bytes(weights_bytes)
         parent_refs = [(self.resolve(ref), weight) for ref, weight in parents]
 
-        self.blobs.put(weights_bytes, digest=weights_sha)
         row = Adapter(
             name=name, kind=kind, base_model=base_id, base_fingerprint=base_facts.fingerprint,
             rank=max(ranks), alpha=float(config.get("lora_alpha", 0)), use_rslora=bool(config.get("use_rslora")),
@@ -200,7 +209,11 @@ class Registry(IndexMethods, ArtifactMethods):
                        for i, (text, vec) in enumerate(zip(prompts, prompt_embeddings if prompts else []))]
         row.parents = [Lineage(position=i, parent_id=info.id, parent_ref=info.ref, weight=weight)
                        for i, (info, weight) in enumerate(parent_refs)]
-        info = self._insert_new_version(row)
+        with self.blobs.guard():  # no deletion between writing the blob and committing its row
+            self.blobs.put(weights_bytes, digest=weights_sha)
+            faults.point("add.after_blob")
+            info = self._insert_new_version(row)
+        faults.point("add.after_commit")
         if row.embedding is not None:
             self._index_add([row.id], bytes_vector(row.embedding)[None, :])
         return info
@@ -209,7 +222,8 @@ class Registry(IndexMethods, ArtifactMethods):
         """Number the version and insert in one transaction, retrying if a concurrent add won."""
         for _attempt in range(5):
             try:
-                with self.session() as session:
+                with self.write_session() as session:
+                    name_lock(session, f"adapter:{row.name}")
                     latest = session.scalar(select(func.max(Adapter.version)).where(Adapter.name == row.name))
                     row.version = (latest or 0) + 1
                     session.add(row)
@@ -325,8 +339,9 @@ class Registry(IndexMethods, ArtifactMethods):
     def set_alias(self, ref: str, alias: str) -> AdapterInfo:
         """Point ``<name>@<alias>`` at the version ``ref`` resolves to (creating or moving it)."""
         validate_alias(alias)
-        with self.session() as session:
+        with self.write_session() as session:
             row = self._resolve_row(session, ref)
+            name_lock(session, f"adapter:{row.name}")
             existing = session.get(Alias, (row.name, alias))
             if existing is None:
                 session.add(Alias(name=row.name, alias=alias, adapter_id=row.id, updated_at=utc_now()))
@@ -337,29 +352,39 @@ class Registry(IndexMethods, ArtifactMethods):
 
     def update_metrics(self, ref: str, metrics: dict) -> AdapterInfo:
         """Merge ``metrics`` into the adapter's free-form metrics (JSON)."""
-        with self.session() as session:
+        with self.write_session() as session:
             row = self._resolve_row(session, ref)
+            session.refresh(row, with_for_update=True)  # PostgreSQL: a row lock; SQLite: BEGIN IMMEDIATE
             row.metrics = {**(row.metrics or {}), **metrics}
             session.flush()
             return adapter_infos(session, [row])[0]
 
     def remove(self, ref: str) -> AdapterInfo:
         """Remove a version: it stops resolving, its aliases go, lineage that names it stays."""
-        with self.session() as session:
+        with self.write_session() as session:
             row = self._resolve_row(session, ref)
+            name_lock(session, f"adapter:{row.name}")
             row.removed_at = utc_now()
             for alias in session.scalars(select(Alias).where(Alias.adapter_id == row.id)):
                 session.delete(alias)
-            still_used = session.scalar(select(func.count()).select_from(Adapter).where(
-                Adapter.weights_sha256 == row.weights_sha256, Adapter.removed_at.is_(None), Adapter.id != row.id))
             info = adapter_infos(session, [row])[0]
-        if not still_used:
-            self.blobs.delete(info.weights_sha256)
-            shutil.rmtree(self.home / "fetched" / info.digest, ignore_errors=True)
+        faults.point("rm.after_commit")
+        with self.blobs.guard(exclusive=True):  # no add in flight that could be reusing this blob
+            if not self.blob_referenced(info.weights_sha256):
+                self.blobs.delete(info.weights_sha256)
+                shutil.rmtree(self.home / "fetched" / info.digest, ignore_errors=True)
         index = self._get_index()
         index.remove([info.id])
         self._save_index()
         return info
+
+    def blob_referenced(self, digest: str) -> bool:
+        """Whether a live adapter or artifact references the blob ``digest`` (ask under ``blobs.guard``)."""
+        with self.session() as session:
+            return bool(session.scalar(select(func.count()).select_from(Adapter).where(
+                Adapter.weights_sha256 == digest, Adapter.removed_at.is_(None)))
+                or session.scalar(select(func.count()).select_from(Artifact).where(
+                    Artifact.sha256 == digest, Artifact.removed_at.is_(None))))
 
     # -- consistency ------------------------------------------------------------------------------
     def doctor(self, repair: bool = False):
