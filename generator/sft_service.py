@@ -74,7 +74,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     from generator.sft import ResidualHead, SFTGenerator, SFTTask, train_sft
     from generator.tokenizer import layout_from_state_dict, state_dict_to_tokens
     from generator.training import resolve_device
-    from registry.lm import encode_example
+    from registry.lm import encode_example, use_training_attention
     from registry.refs import validate_name
 
     status = on_status or (lambda message: None)
@@ -117,6 +117,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
 
     model, tokenizer = base_models.load_base(data.base_model, device=str(device), cached=False,
                                              dtype=_frozen_dtype(precision))
+    use_training_attention(model, device)
     encoder = _encoder_for(reg, {"encoder": reg.encoder_id}, device)
     embed_dim = int(encoder.dimension)
     decoder_config = DnDConfig.from_layout(layout, n_prompts=n_prompts, embed_dim=embed_dim, **decoder_options)
