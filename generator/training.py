@@ -221,6 +221,11 @@ def run_steps(model, optimizer, state, steps: int, rng, batch_loss, grad_clip: f
         while state.step < steps:
             with autocast(precision, device):
                 loss = batch_loss()
+            if not torch.isfinite(loss.detach()):  # stop before a NaN reaches the weights and gets stored
+                from generator.errors import GeneratorError
+
+                raise GeneratorError(f"the generator's loss is {float(loss)} at step {state.step + 1}: "
+                                     "training diverged (lower the learning rate)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:

@@ -118,10 +118,8 @@ def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestCon
     ``tags`` and ``recipe_extra`` go onto every checkpoint (the multitask LoRA marks itself so)."""
     from registry import base_models
     from registry import precision as precisions
-    from registry.embeddings import embed_texts
+    from registry.locks import file_lock
     from registry.refs import validate_name
-
-    from harvest.train import harvest
 
     config = config or HarvestConfig()
     check_settings(config, base)
@@ -129,10 +127,26 @@ def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestCon
     base_id = base_models.base_model_id(base)
     precision = precisions.resolve(precision, device or base_models.default_device())
     hid = harvest_id(task, config, base_id, precision)
+    work_dir = reg.home / "work" / "harvest" / f"{task.name}-{hid}"
+    # One run per harvest at a time: a second run of the same task waits here, then finds the first
+    # one's checkpoints stored and skips (no duplicate checkpoints from two trainers of one task).
+    with file_lock(work_dir.parent / f".{work_dir.name}.lock"):
+        return _harvest_locked(reg, task, hid, name, base, base_id, config, precision, work_dir, on_step,
+                               device, tags, recipe_extra)
+
+
+def _harvest_locked(reg, task, hid, name, base, base_id, config, precision, work_dir, on_step, device, tags,
+                    recipe_extra) -> HarvestSummary:
+    from registry import faults
+    from registry.embeddings import embed_texts
+
+    from harvest.train import harvest
+
     summary = HarvestSummary(task=task.name, harvest_id=hid)
     done = stored_checkpoints(reg, task.name, hid)
     if len(done) >= config.n_checkpoints:
         summary.skipped, summary.refs = True, [done[s] for s in sorted(done)]
+        _ensure_final(reg, name, summary.refs[-1])  # a run killed before its `final` alias is finished here
         return summary
 
     prompts = sample_prompts(task)
@@ -153,18 +167,31 @@ def harvest_task(reg, task: Task, *, base: str | None = None, config: HarvestCon
         done[step] = info.ref
 
     start = time.perf_counter()
-    result = harvest(task, base=base, config=config, work_dir=reg.home / "work" / "harvest" / f"{task.name}-{hid}",
+    result = harvest(task, base=base, config=config, work_dir=work_dir,
                      resume=True, on_step=on_step, on_checkpoint=store, device=device, precision=precision)
     summary.seconds = result.earlier_seconds + time.perf_counter() - start  # resumed runs count too
     summary.steps, summary.final_loss = result.steps, (result.losses[-1] if result.losses else None)
     summary.tokens_per_second = result.tokens_per_second
     summary.refs = [done[s] for s in sorted(done)]
     if summary.refs:
+        faults.point("harvest.before_final")
         reg.set_alias(summary.refs[-1], "final")
         reg.update_metrics(summary.refs[-1], {"harvest_seconds": summary.seconds, "harvest_steps": summary.steps,
                                               "harvest_tokens_per_second": summary.tokens_per_second,
                                               "harvest_resumed_from": result.resumed_from})
     return summary
+
+
+def _ensure_final(reg, name: str, last_ref: str) -> None:
+    """Point ``<name>@final`` at the harvest's last checkpoint unless it already does."""
+    from registry.errors import NotFound
+
+    try:
+        if reg.resolve(f"{name}@final").ref == last_ref:
+            return
+    except NotFound:
+        pass
+    reg.set_alias(last_ref, "final")
 
 
 MULTITASK_TAG = "multitask"

@@ -310,20 +310,31 @@ def _save_state(work_dir: Path, named_params, optimizer, meta: dict) -> None:
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    from registry import faults
     from registry.atomic import atomic_save_tensors, atomic_write_json
 
-    # tensors first, JSON last: the JSON names the step the tensors belong to
-    atomic_save_tensors(work_dir / _STATE_TENSORS, tensors)
-    atomic_write_json(work_dir / _STATE_JSON, meta, indent=1)
+    # The tensors go to a file of their own step, then the JSON (the commit point) names that file,
+    # then older tensor files go: a kill anywhere leaves a JSON and the tensors it names, never the
+    # JSON of one step beside the tensors of another.
+    tensors_name = f"state-{int(meta['step']):08d}.safetensors"
+    atomic_save_tensors(work_dir / tensors_name, tensors)
+    faults.point("harvest.state_between_files")
+    atomic_write_json(work_dir / _STATE_JSON, {**meta, "tensors": tensors_name}, indent=1)
+    for old in [work_dir / _STATE_TENSORS, *work_dir.glob("state-*.safetensors")]:
+        if old.name != tensors_name:
+            old.unlink(missing_ok=True)
 
 
 def _load_state(work_dir: Path) -> tuple[dict, dict] | None:
     from safetensors.torch import load_file
 
-    if not (work_dir / _STATE_JSON).exists() or not (work_dir / _STATE_TENSORS).exists():
+    if not (work_dir / _STATE_JSON).exists():
         return None
     meta = json.loads((work_dir / _STATE_JSON).read_text())
-    return meta, load_file(str(work_dir / _STATE_TENSORS))
+    tensors = work_dir / meta.get("tensors", _STATE_TENSORS)  # older work dirs: one fixed name
+    if not tensors.exists():
+        return None
+    return meta, load_file(str(tensors))
 
 
 def clear_work_dir(work_dir: str | os.PathLike) -> None:
@@ -332,6 +343,8 @@ def clear_work_dir(work_dir: str | os.PathLike) -> None:
             (Path(work_dir) / name).unlink()
         except FileNotFoundError:
             pass
+    for path in Path(work_dir).glob("state-*.safetensors"):
+        path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,6 +489,9 @@ def harvest(
             group["lr"] = lr_at(step, config)
         with precisions.autocast(precision, device):
             loss = loss_of(input_ids, attention_mask, labels)
+        if not torch.isfinite(loss.detach()):
+            raise HarvestError(f"the loss is {float(loss)} at step {step}: training diverged "
+                               f"(lower the learning rate, now {config.lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:

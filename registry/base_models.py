@@ -384,7 +384,8 @@ def load_base(
         return _LOADED[key]
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype,
+                                                     use_safetensors=True)  # never unpickle a .bin
     except BaseModelError:
         raise
     except Exception as exc:  # noqa: BLE001

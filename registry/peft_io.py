@@ -15,6 +15,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[A-Za-z0-9_]+))?\.weight$")
 PEFT_PREFIX = "base_model.model."
+MAX_WEIGHTS_BYTES = 768 << 20  # a rank-64 LoRA on every linear of a 7B model is ~320 MB in fp32
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,38 @@ def read_adapter_weights(directory: Path) -> dict:
                 f"never unpickled: save the adapter with safe_serialization=True"
             )
         raise InvalidAdapter(f"{directory} has no {WEIGHTS_FILE}")
+    check_weights_header(weights)
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InvalidAdapter(f"{weights} is not a readable safetensors file: {first_line}") from None
+
+
+def check_weights_header(path: Path) -> None:
+    """Refuse an oversized file or non-float tensors from the file size and the safetensors header
+    alone, before any tensor is read."""
+    size = path.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        raise InvalidAdapter(f"{path} is {size / 2**20:.0f} MiB: the limit for adapter weights is "
+                             f"{MAX_WEIGHTS_BYTES >> 20} MiB")
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(size - 8, 100 << 20):
+            raise InvalidAdapter(f"{path} is not a readable safetensors file: bad header length")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InvalidAdapter(f"{path} is not a readable safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise InvalidAdapter(f"{path} is not a readable safetensors file: its header is not an object")
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in FLOAT_DTYPES:
+            raise InvalidAdapter(f"{path}: tensor {key!r} has dtype {dtype}: LoRA weights must be floating point")
 
 
 def read_adapter_dir(directory: str | Path) -> tuple[dict, dict]:

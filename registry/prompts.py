@@ -7,11 +7,23 @@ from pathlib import Path
 
 from registry.errors import RegistryError
 
+MAX_PROMPT_CHARS = 8192  # one prompt; the CLI, the API and ``Registry.add_weights`` share this limit
+MAX_PROMPTS_FILE_BYTES = 64 << 20
+
+
+def check_prompt(prompt: str, where: str = "prompt") -> str:
+    """``prompt`` if it is within ``MAX_PROMPT_CHARS``, else a one-line ``RegistryError``."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RegistryError(f"{where} is {len(prompt):,} characters long: the limit is {MAX_PROMPT_CHARS:,}")
+    return prompt
+
 
 def read_prompts_file(path: str | Path) -> list[str]:
     """The prompts in ``path``; raises ``RegistryError`` for a missing, non-UTF-8 or empty file."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_PROMPTS_FILE_BYTES:
+            raise RegistryError(f"prompts file {path} is larger than {MAX_PROMPTS_FILE_BYTES >> 20} MiB")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RegistryError(f"prompts file {path} does not exist") from None
@@ -32,9 +44,9 @@ def read_prompts_file(path: str | Path) -> list[str]:
             prompt = record.get("prompt") if isinstance(record, dict) else None
             if not isinstance(prompt, str) or not prompt.strip():
                 raise RegistryError(f"{path}:{number}: JSON line without a non-empty 'prompt' string")
-            prompts.append(prompt.strip())
+            prompts.append(check_prompt(prompt.strip(), f"{path}:{number}"))
         else:
-            prompts.append(line)
+            prompts.append(check_prompt(line, f"{path}:{number}"))
     if not prompts:
         raise RegistryError(f"prompts file {path} holds no prompts")
     return prompts

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from registry.errors import InvalidName
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-DIGEST_PATTERN = re.compile(r"^[0-9a-f]{8,64}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: "$" lets "abc\n" through
+VERSION_PATTERN = re.compile(r"[0-9]{1,10}")  # ASCII digits only: "²" and "١" are str.isdigit() too
+MAX_VERSION = 2**31 - 1  # the SQL column is a 32-bit integer
+DIGEST_PATTERN = re.compile(r"[0-9a-f]{8,64}")
 RESERVED_ALIASES = {"latest"}
 
 
@@ -23,7 +25,7 @@ def validate_name(name: str, what: str = "name") -> str:
     Names become directory names for serving systems, so ``/``, ``..``, control characters and
     leading dots are refused.
     """
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         shown = name.encode("unicode_escape").decode() if isinstance(name, str) else repr(name)
         raise InvalidName(
             f"invalid {what} {shown!r}: use letters, digits, '.', '_' or '-' (max 128), "
@@ -35,7 +37,7 @@ def validate_name(name: str, what: str = "name") -> str:
 def validate_alias(alias: str) -> str:
     """Aliases follow name rules but may not be all digits (those are versions) or reserved."""
     validate_name(alias, "alias")
-    if alias.isdigit() or alias in RESERVED_ALIASES:
+    if alias.isdigit() or VERSION_PATTERN.fullmatch(alias) or alias in RESERVED_ALIASES:
         raise InvalidName(f"invalid alias {alias!r}: digits mean versions and 'latest' is reserved")
     return alias
 
@@ -64,7 +66,7 @@ def parse_ref(text: str) -> Ref:
     text = (text or "").strip()
     if text.startswith("sha256:"):
         digest = text[len("sha256:"):].lower()
-        if not DIGEST_PATTERN.match(digest):
+        if not DIGEST_PATTERN.fullmatch(digest):
             raise InvalidName(f"invalid digest reference {text!r}: expected sha256:<8-64 hex digits>")
         return Ref(digest=digest)
     name, sep, tag = text.partition("@")
@@ -72,6 +74,10 @@ def parse_ref(text: str) -> Ref:
     if not sep or tag == "latest":
         return Ref(name=name)
     if tag.isdigit():
+        if not VERSION_PATTERN.fullmatch(tag) or int(tag) > MAX_VERSION:
+            shown = tag.encode("unicode_escape").decode()
+            raise InvalidName(f"invalid version {shown!r} in {name}@{shown}: versions are ASCII digits "
+                              f"up to {MAX_VERSION}")
         return Ref(name=name, version=int(tag))
     validate_alias(tag)
     return Ref(name=name, alias=tag)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,7 @@ from registry.embeddings import embed_texts, encoder_id, mean_embedding
 from registry.errors import IntegrityError, InvalidAdapter, NotFound, RegistryError
 from registry.index import AdapterIndex
 from registry.paths import database_url, registry_home
+from registry.prompts import check_prompt
 from registry.records import (ADAPTER_KINDS, EMBEDDING_DIM, AdapterInfo, ArtifactInfo, SearchHit, adapter_infos,
                               bytes_vector, vector_bytes)
 from registry.refs import Ref, parse_ref, validate_alias, validate_name
@@ -55,6 +57,38 @@ def canonical_peft_config(config: dict, base_model: str) -> dict:
         config["target_modules"] = sorted(config["target_modules"])
     config.pop("revision", None)
     return config
+
+
+def _check_config_types(config: dict) -> None:
+    """adapter_config.json fields of the wrong type or out of range are one error line, not a traceback."""
+    if not isinstance(config, dict):
+        raise InvalidAdapter("adapter_config.json must hold a JSON object")
+    rank = config.get("r", 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= 65536:
+        raise InvalidAdapter(f"adapter_config.json: r must be an integer from 0 to 65536, got {rank!r}")
+    alpha = config.get("lora_alpha", 0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise InvalidAdapter(f"adapter_config.json: lora_alpha must be a finite number, got {alpha!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise InvalidAdapter(f"adapter_config.json: use_rslora must be true or false, got {config['use_rslora']!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise InvalidAdapter(f"adapter_config.json: {key} must be an object")
+
+
+def _check_target_modules(targets, base_shapes: dict, base_id: str) -> None:
+    """``target_modules`` (a list of module names, or one name) must name linear layers of the base."""
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise InvalidAdapter(f"adapter_config.json: target_modules must be a list of module names, got {targets!r}")
+    leaves = {path.rsplit(".", 1)[-1] for path in base_shapes} | set(base_shapes)
+    unknown = sorted(t for t in targets if t not in leaves and t != "all-linear")
+    if unknown:
+        shown = ", ".join(t.encode("unicode_escape").decode() for t in unknown[:5])
+        raise InvalidAdapter(f"adapter_config.json: target_modules {shown} are not linear layers of {base_id}")
 
 
 class Registry(IndexMethods, ArtifactMethods):
@@ -163,8 +197,13 @@ class Registry(IndexMethods, ArtifactMethods):
         for tag in tags:
             validate_name(tag, "tag")
         state_dict = {peft_io.normalize_key(k): v for k, v in state_dict.items()}
+        for key, tensor in state_dict.items():
+            if not tensor.is_floating_point():
+                raise InvalidAdapter(f"tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}: "
+                                     "LoRA weights must be floating point")
         modules = peft_io.lora_modules(state_dict)
         peft_io.check_finite(state_dict)
+        _check_config_types(peft_config)
 
         base_ref = base or peft_config.get("base_model_name_or_path")
         if not base_ref:
@@ -172,6 +211,7 @@ class Registry(IndexMethods, ArtifactMethods):
         base_facts = base_models.base_info(base_ref)  # cached by config.json's sha256: no transformers import
         base_id = base_models.base_model_id(base_ref)
         peft_io.check_against_base(modules, base_facts.shapes, base_id)
+        _check_target_modules(peft_config.get("target_modules"), base_facts.shapes, base_id)
         ranks = {m.rank for m in modules}
         declared_rank = int(peft_config.get("r", 0))
         if declared_rank not in ranks and not peft_config.get("rank_pattern"):
@@ -181,6 +221,8 @@ class Registry(IndexMethods, ArtifactMethods):
         prompts = [p for p in prompts]
         if prompts and any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise RegistryError("prompts must be non-empty strings")
+        for i, prompt in enumerate(prompts):
+            check_prompt(prompt, f"prompt {i + 1}")
         if prompts and prompt_embeddings is None:
             prompt_embeddings = embed_texts(prompts, self.encoder)
         if prompt_embeddings is not None and len(prompt_embeddings) != len(prompts):
