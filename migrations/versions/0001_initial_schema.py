@@ -6,6 +6,8 @@ Create Date: 2026-11-22 10:23:22.584857
 """
 
 from alembic import op
+
+from registry import faults
 import sqlalchemy as sa
 
 
@@ -99,6 +101,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['parent_id'], ['adapters.id'], ),
     sa.PrimaryKeyConstraint('child_id', 'position')
     )
+    faults.point("migration.mid")  # crash tests: a kill here must leave no partial schema
     op.create_table('prompts',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('adapter_id', sa.Integer(), nullable=False),
