@@ -37,18 +37,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# What the issue measured at 4cfa329 (same machine class), printed beside the new numbers.
+# Before: the same probes run on the tree before the fixes (b732d85, a git worktree, same 2-core
+# machine under load, 8 writers x 50 adds); the issue's own figures at 4cfa329 in brackets.
 BEFORE = {
-    "hot/sqlite": "400/400 rows; index file held 77-95 of 400 ids",
-    "mixed/sqlite": "400/400 rows; index file held 77-95 of 400 ids",
-    "hot/postgresql": "16-18 % of adds failed (could not allocate a version)",
-    "mixed/postgresql": "(not measured)",
-    "open/sqlite": "3 of 4 writers crashed (OperationalError)",
-    "open/postgresql": "(not measured)",
-    "doctor/sqlite": "10 committed adds lost their blob",
-    "doctor/postgresql": "(not measured)",
-    "kill/sqlite": "0 half-visible; index/.tmp-* never reported",
-    "kill/postgresql": "(not measured)",
+    "hot/sqlite": "394/400 rows, 6 failed (could not allocate a version), index 76/394 ids [77-95 of 400]",
+    "mixed/sqlite": "12 failed (alias IntegrityError, StaleDataError), index 53/361 ids",
+    "open/sqlite": "0 of 4 crashed [3 of 4 crashed, OperationalError]",
+    "doctor/sqlite": "78 committed adds lost their blob [10]",
+    "kill/sqlite": "0 half-visible, clean after repair 10/10 [index/.tmp-* never reported]",
+    "hot/postgresql": "233/400 rows, 167 failed (could not allocate a version) [16-18 %], index 27/233 ids",
+    "mixed/postgresql": "11 failed, index 51/361 ids",
+    "open/postgresql": "3 of 4 writers crashed",
+    "doctor/postgresql": "111 committed adds lost their blob",
+    "kill/postgresql": "0 half-visible, clean after repair 10/10",
 }
 
 RANK, HIDDEN, KV_OUT, LAYERS, DIM = 4, 32, 16, 2, 384
@@ -333,7 +334,7 @@ def main(argv=None) -> int:
                 results[f"{probe}/{backend}"] = r
                 print(f"{probe}/{backend}: {row_text(probe, r)}", flush=True)
     print()
-    print(f"| probe ({args.writers} writers x {args.adds} adds) | before (issue 17, at 4cfa329) | after |")
+    print(f"| probe ({args.writers} writers x {args.adds} adds) | before (b732d85; [issue 17]) | after |")
     print("|---|---|---|")
     for key, r in results.items():
         print(f"| {key} | {BEFORE.get(key, '')} | {row_text(key.split('/')[0], r)} |")
