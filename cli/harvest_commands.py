@@ -173,7 +173,7 @@ def eval_command(
 
     tasks = [resolve_task(t) for t in task]
     if route:
-        from retrieval.service import routed_accuracy
+        from evaluation.accuracy import routed_accuracy
 
         with open_registry(home) as reg:
             report = routed_accuracy(reg, tasks, n_per_task=limit or 20, k=k, batch_size=batch_size)

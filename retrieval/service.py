@@ -8,8 +8,7 @@
   ``route_items``).
 
 The accuracy measurements (``retrieval_accuracy``, ``routed_accuracy``) use task data and live in
-``evaluation.accuracy``; ``routed_accuracy`` is forwarded from here until ``cli/harvest_commands.py``
-imports it from there (the one exception in the import contract, ``pyproject.toml``).
+``evaluation.accuracy``.
 """
 
 from __future__ import annotations
@@ -22,12 +21,4 @@ from retrieval.routing_service import RoutedItem, model_base_id, plan_pool, rout
 
 __all__ = ["ALL_KINDS", "DEFAULT_POOL_KINDS", "MATCH_MODES", "WEIGHT_MODES", "RetrievalError", "RoutedItem",
            "compose_adapter", "compose_from_hits", "compose_refs", "embed_query", "load_lora", "model_base_id",
-           "plan_pool", "prompts_sha256", "resolve_precision", "retrieve", "route_items", "route_plan",
-           "routed_accuracy"]
-
-
-def routed_accuracy(*args, **kwargs) -> dict:
-    """``evaluation.accuracy.routed_accuracy`` (its old place; ``cli/harvest_commands.py`` calls it here)."""
-    from evaluation.accuracy import routed_accuracy as measure
-
-    return measure(*args, **kwargs)
+           "plan_pool", "prompts_sha256", "resolve_precision", "retrieve", "route_items", "route_plan"]

@@ -248,8 +248,9 @@ def bad_pool(reg, zoo, adapter_dirs):
     (["--from", "math@1", "--from", "r2@1", "--strategy", "fusion"], "needs equal ranks"),
     (["--from", "math@1", "--from", "nope@1"], "no adapter matches nope@1"),
     (["--prompts", "QUERY", "-k", "0"], "k must be at least 1"),
-    (["--prompts", "QUERY", "-k", "9"], "k=9 is larger than the compatible pool: 4 adapters"),
-    (["--prompts", "QUERY", "-k", "3", "--exclude-task", "arithmetic"], "compatible pool: 2 adapters"),
+    (["--prompts", "QUERY", "-k", "9", "--all-versions"], "k=9 is larger than the compatible pool: 4 adapters"),
+    (["--prompts", "QUERY", "-k", "3", "--exclude-task", "arithmetic", "--all-versions"], "compatible pool: 2 adapters"),
+    (["--prompts", "QUERY", "-k", "9"], "k=9 is larger than the compatible pool: 3 tasks"),  # one per task by default
     (["--prompts", "QUERY", "--strategy", "ties"], "needs density"),
     (["--prompts", "QUERY", "--strategy", "blend"], "unknown strategy 'blend'"),
     (["--prompts", "QUERY", "--weights", "argmax"], "unknown weights mode"),
