@@ -50,12 +50,15 @@ def repaired_clean(home) -> None:
         assert report.ok, report.problems
 
 
-@pytest.mark.parametrize("point, visible, problem", [
-    ("add.after_blob", [], "unreferenced blob"),                       # blob written, row never committed
-    ("add.after_commit", ["a@1"], "FAISS index"),          # row committed, index not saved
-    ("index.between_files", ["a@1"], None),                           # .faiss renamed, .json not yet
-    ("index.before_save", ["a@1"], "FAISS index"),
-])
+# Every fault point on SQLite; on PostgreSQL the one between the SQL commit and the index (each case
+# is two CLI processes, so the matrix is kept small for CI's time budget).
+@pytest.mark.parametrize("point, visible, problem, database_url", [
+    ("add.after_blob", [], "unreferenced blob", "sqlite"),          # blob written, row never committed
+    ("add.after_commit", ["a@1"], "FAISS index", "sqlite"),         # row committed, index not saved
+    ("index.between_files", ["a@1"], None, "sqlite"),               # .faiss renamed, .json not yet
+    ("index.before_save", ["a@1"], "FAISS index", "sqlite"),
+    ("add.after_commit", ["a@1"], "FAISS index", "postgres"),
+], indirect=["database_url"])
 def test_kill_during_add(point, visible, problem, database_url, tiny_adapter_factory, registry_home, tmp_path):
     adapter = tiny_adapter_factory("a")
     prompts = tmp_path / "prompts.txt"
