@@ -296,8 +296,10 @@ def _train_generator(reg, arch: str, split: Split, training: list[str], settings
 
         items = {t: [(e.prompt, e.answer) for e in (tasks.get(t) or resolve_task(t)).split("train")] for t in training}
         options = dict(settings.sft_options, objective="sft", task_items=items, anchor=multitask_ref)
+    # held-out tasks without a harvest have nothing to exclude (the training set names only harvests)
+    held_harvested = [t for t in split.held_out if reg.list_adapters(kind="harvested", task=t)]
     artifact = train_generator_from_registry(
-        reg, name=f"bench-{arch}-{split.protocol}", tasks=training, exclude_tasks=list(split.held_out), steps=steps,
+        reg, name=f"bench-{arch}-{split.protocol}", tasks=training, exclude_tasks=held_harvested, steps=steps,
         seed=settings.seed, on_status=on_status,
         on_step=lambda step, total, loss: on_status(f"{split.protocol}: {arch} step {step}/{total}, loss {loss:.4f}"),
         **options)

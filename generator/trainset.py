@@ -66,7 +66,11 @@ def collect_training_set(reg, tasks: Sequence[str] | None = None, exclude_tasks:
     excluded = set(exclude_tasks)
     if wanted is not None and excluded & set(wanted):
         raise GeneratorError(f"tasks both kept and excluded: {', '.join(sorted(excluded & set(wanted)))}")
-    harvested = [a for a in reg.list_adapters(kind="harvested", base_model=base_model) if a.task]
+    from registry.records import MULTITASK_TAG
+
+    # a multitask LoRA is a baseline trained on several tasks, not one task's adapter
+    harvested = [a for a in reg.list_adapters(kind="harvested", base_model=base_model)
+                 if a.task and MULTITASK_TAG not in (a.tags or [])]
     if not harvested:
         where = f" for base model {base_model}" if base_model else ""
         raise GeneratorError(f"no harvested adapters with a task{where}: run `registry harvest` first")

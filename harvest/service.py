@@ -20,6 +20,7 @@ from pathlib import Path
 
 from harvest.tasks import Task, TaskError, make_task
 from harvest.train import HarvestConfig, peft_config_dict
+from registry.records import MULTITASK_TAG  # the tag the generators' training sets and the bench skip
 
 SAMPLE_PROMPTS = 24
 
@@ -194,7 +195,6 @@ def _ensure_final(reg, name: str, last_ref: str) -> None:
     reg.set_alias(last_ref, "final")
 
 
-MULTITASK_TAG = "multitask"
 
 
 def multitask_task(tasks: Sequence[Task]) -> Task:

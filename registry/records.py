@@ -14,6 +14,9 @@ from sqlalchemy.orm import Session
 from registry.schema import Adapter, AdapterTag, Alias, Artifact, Lineage
 
 ADAPTER_KINDS = ("harvested", "imported", "generated", "composed")
+# The tag of a multitask LoRA (kind harvested, trained on several tasks' union): a baseline, so the
+# generators' training sets and the bench's task list skip it.
+MULTITASK_TAG = "multitask"
 
 EMBEDDING_DIM = 384
 

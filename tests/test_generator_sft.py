@@ -129,5 +129,9 @@ def test_train_generator_sft_end_to_end_with_a_multitask_anchor(cli, registry_ho
     code, out, err = cli("train-generator", "--objective", "sft", "--tasks", "add_sub", "--tasks", "letter_count",
                          *tiny, "--json")
     assert code == 0 and json.loads(out)["ref"] == info["ref"], err
+    # the multitask LoRA is a baseline, not a task: a reconstruction generator never trains on it
+    code, out, err = cli("train-generator", "--steps", "1", "--n-prompts", "4", "--prompt-tokens", "8", "--layers", "2",
+                         "--hidden-tokens", "8", "--device", "cpu", "--json")
+    assert code == 0 and json.loads(out)["meta"]["tasks"] == ["add_sub", "letter_count"], err
     code, _, err = cli("train-generator", "--arch", "cvae", "--objective", "sft")
     assert code != 0 and "the CVAE trains by reconstruction" in err and "Traceback" not in err
