@@ -174,7 +174,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
             "n_prompts": n_prompts,
             "wall_time_s": round(wall_time, 3),
             "decoder_parameters": generator.decoder.num_parameters(),
-            "gate": float(generator.head.gate),
+            "gate": float(generator.head.gate.detach()),
         }
         tensors = {f"{DECODER_PREFIX}{k}": v for k, v in generator.decoder.state_dict().items()}
         tensors |= {f"{HEAD_PREFIX}{k}": v for k, v in generator.head.state_dict().items()}
