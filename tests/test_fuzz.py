@@ -158,7 +158,8 @@ def test_http_bad_versions_are_400(http, ref):
     assert response.status_code == 400, response.text
 
 
-@given(body=st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=20),
+# finite floats: NaN and Infinity are not JSON, and the test client refuses to encode them (the server never sees them)
+@given(body=st.recursive(st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False) | st.integers() | st.text(max_size=20),
                          lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                      max_size=4),
                          max_leaves=12),
