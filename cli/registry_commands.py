@@ -145,17 +145,10 @@ def search(
 
 
 def _search(reg, query, k: int, all_versions: bool, **filters) -> list:
-    """``reg.search`` keeping the first (best) hit of each adapter name unless ``all_versions``;
-    widens the search until ``k`` distinct adapters are found or the index has no more."""
-    if all_versions:
-        return reg.search(query, k=k, **filters)
-    fetch = k
-    while True:
-        hits = reg.search(query, k=fetch, **filters)
-        distinct = list({h.adapter.name: h for h in reversed(hits)}.values())[::-1]  # first hit per name, in order
-        if len(distinct) >= k or len(hits) < fetch:
-            return distinct[:k]
-        fetch *= 4
+    """``registry.search.search_per_adapter``: one row per adapter unless ``all_versions``."""
+    from registry.search import search_per_adapter
+
+    return search_per_adapter(reg, query, k, all_versions, **filters)
 
 
 @app.command()

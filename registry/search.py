@@ -189,3 +189,18 @@ class IndexMethods:
             index.save()
         self._index = index
         return len(ids)
+
+
+def search_per_adapter(registry, query, k: int, all_versions: bool = False, **filters) -> list[SearchHit]:
+    """What ``registry search`` and the web search list: one hit per adapter name (its best-scoring
+    version, the newest among equals), the search widened until ``k`` names are found or the index
+    has no more; every matching version with ``all_versions``."""
+    if all_versions:
+        return registry.search(query, k=k, **filters)
+    fetch = k
+    while True:
+        hits = registry.search(query, k=fetch, **filters)
+        distinct = list({h.adapter.name: h for h in reversed(hits)}.values())[::-1]  # first hit per name, in order
+        if len(distinct) >= k or len(hits) < fetch:
+            return distinct[:k]
+        fetch *= 4

@@ -147,18 +147,10 @@ def _flag(request: Request, key: str) -> bool:
 
 
 def search_hits(registry, query, k: int, all_versions: bool, **filters) -> list:
-    """What ``registry search`` lists: one hit per adapter name (its best-scoring version, the
-    newest among equals), the search widened until ``k`` names are found; every matching version
-    with ``all_versions``. The same rule as ``cli.registry_commands._search`` (a test compares)."""
-    if all_versions:
-        return registry.search(query, k=k, **filters)
-    fetch = k
-    while True:
-        hits = registry.search(query, k=fetch, **filters)
-        distinct = list({h.adapter.name: h for h in reversed(hits)}.values())[::-1]  # first hit per name, in order
-        if len(distinct) >= k or len(hits) < fetch:
-            return distinct[:k]
-        fetch *= 4
+    """What ``registry search`` lists (``registry.search.search_per_adapter``, the CLI's rule too)."""
+    from registry.search import search_per_adapter
+
+    return search_per_adapter(registry, query, k, all_versions, **filters)
 
 
 def family_of(adapter: dict) -> str | None:
