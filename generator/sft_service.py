@@ -27,7 +27,7 @@ from generator.errors import GeneratorError
 from generator.trainset import collect_training_set
 from generator.workdir import (WorkDir, model_and_state, run_chunked_training, sha256_json, source_version,
                                stored_artifact, training_meta)
-from registry.precision import identity as precision_identity
+from registry.precision import frozen_dtype, identity as precision_identity
 
 ARTIFACT_FORMAT = "dnd-sft-generator-artifact/1"
 SERVICE_VERSION = "dnd-sft-service/1"
@@ -116,7 +116,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     from registry import base_models
 
     model, tokenizer = base_models.load_base(data.base_model, device=str(device), cached=False,
-                                             dtype=_frozen_dtype(precision))
+                                             dtype=frozen_dtype(precision))
     use_training_attention(model, device)
     encoder = _encoder_for(reg, {"encoder": reg.encoder_id}, device)
     embed_dim = int(encoder.dimension)
@@ -182,12 +182,6 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         info = reg.add_artifact(name, SFT_ARTIFACT_TYPE, tensors, meta, base_model=data.base_model)
         work.mark_stored(info.ref, info.sha256, steps)
         return info
-
-
-def _frozen_dtype(precision: str):
-    from registry.precision import frozen_dtype
-
-    return frozen_dtype(precision)
 
 
 def build_dnd_sft(info, tensors: Mapping, device) -> LoadedGenerator:
