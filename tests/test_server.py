@@ -646,6 +646,7 @@ def test_repeated_reads_run_no_sql(reg, seeded):
     from sqlalchemy import event
 
     from registry.http.app import create_app
+    from registry.http.cache import ChangeStamp
 
     client = TestClient(create_app(reg, token=TOKEN))
     paths = ["/v1/adapters/math@prod", "/v1/adapters/math", f"/v1/adapters/sha256:{seeded['v1'].digest[:10]}",
@@ -658,8 +659,14 @@ def test_repeated_reads_run_no_sql(reg, seeded):
         statements.append(statement)
 
     event.listen(reg.engine, "before_cursor_execute", record)
+    watch = ChangeStamp(reg.engine)  # PostgreSQL's stamp also moves when autovacuum commits elsewhere
     try:
-        again = [(client.get(p).status_code, client.get(p).content) for p in paths * 5]
+        for _attempt in range(5):
+            statements.clear()
+            before = watch.read()
+            again = [(client.get(p).status_code, client.get(p).content) for p in paths * 5]
+            if statements == [] or watch.read() == before:
+                break  # a clean pass, or SQL ran although nothing changed: judged below
         assert statements == []
         assert again == first * 5
         reg.set_alias("math@2", "prod")  # a change: the next reads go to SQL again, once
@@ -668,6 +675,7 @@ def test_repeated_reads_run_no_sql(reg, seeded):
         assert statements
     finally:
         event.remove(reg.engine, "before_cursor_execute", record)
+        watch.close()
 
 
 def test_a_blob_corrupted_after_it_was_served_is_refused(client, seeded, reg):
