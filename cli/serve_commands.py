@@ -35,6 +35,7 @@ def serve(
     protect_reads: Annotated[bool, typer.Option("--protect-reads", help="Require the bearer token on reads too (also $REGISTRY_PROTECT_READS=1).")] = False,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body accepted (413 above).")] = 1 << 20,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    redirect_downloads: Annotated[bool, typer.Option("--redirect-downloads", help="Answer weights downloads with a redirect to a presigned object-store URL (S3 blob store only).")] = False,
     home: HomeOption = None,
 ):
     """Serve the registry over HTTP (OpenAPI docs at /docs). Writes need $REGISTRY_TOKEN as a bearer token."""
@@ -49,11 +50,13 @@ def serve(
             and not token:
         raise RegistryError("--protect-reads needs REGISTRY_TOKEN to be set")
     err = console_stderr()
+    if redirect_downloads and not (os.environ.get("REGISTRY_BLOB_URL") or "").startswith("s3://"):
+        raise RegistryError("--redirect-downloads needs an S3 blob store (REGISTRY_BLOB_URL=s3://bucket/prefix)")
     if not token:
         err.print("REGISTRY_TOKEN is not set: writes (alias moves, generate, compose) are refused")
     err.print(f"serving on http://{host}:{port} (docs at http://{host}:{port}/docs)")
     run_server(home, host, port, protect_reads=protect, max_body_bytes=max_body_bytes, access_log=access_log,
-               **backends())
+               redirect_downloads=redirect_downloads, **backends())
 
 
 @app.command()

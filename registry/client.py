@@ -35,6 +35,7 @@ import shutil
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass
 from http.client import HTTPException
@@ -172,6 +173,22 @@ def sync_vllm(base_url: str, refs: list[str], directory: str | os.PathLike,
 # --------------------------------------------------------------------------------------------
 
 
+class _SameOriginAuth(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but never send the registry's token to another host (a presigned
+    object-store URL carries its own credentials and refuses a second Authorization)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+def _redirected(http: "_Http", response) -> bool:
+    """Whether ``response`` came from another origin than the registry server (a redirect)."""
+    return not response.geturl().startswith(http.base_url + "/")
+
+
 class _Http:
     def __init__(self, base_url: str, token: str | None, timeout: float):
         if not base_url.startswith(("http://", "https://")):
@@ -180,6 +197,7 @@ class _Http:
         self.token = token
         self.timeout = timeout
         self.requests = 0
+        self._opener = urllib.request.build_opener(_SameOriginAuth)
 
     def open(self, path: str, headers: dict | None = None):
         request = urllib.request.Request(self.base_url + path, headers=dict(headers or {}))
@@ -189,7 +207,7 @@ class _Http:
             self.requests += 1
             last = attempt == RETRIES
             try:
-                return urllib.request.urlopen(request, timeout=self.timeout)
+                return self._opener.open(request, timeout=self.timeout)
             except urllib.error.HTTPError as err:
                 if err.code < 500 or last:
                     raise _server_error(err) from None
@@ -296,8 +314,8 @@ def _download_file(http: _Http, path: str, dest: Path, sha: str, size: int | Non
             headers = {"Range": f"bytes={written}-", "If-Range": f'"{sha}"'} if written else {}
             try:
                 with http.open(path, headers) as response:
-                    etag = response.headers.get("ETag")
-                    if etag and etag.strip('"') != sha:
+                    etag = response.headers.get("ETag")  # the sha256 from our server; an object store's is its own
+                    if etag and etag.strip('"') != sha and not _redirected(http, response):
                         raise IntegrityError(f"{path}: the server sent {etag}, expected sha256 {sha[:12]}")
                     if written and (response.status != 206 or _range_start(response) != written):
                         out.seek(0)  # the server sent the whole file (or another range): restart

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 from registry import peft_io
-from registry.atomic import TEMP_PREFIX, atomic_write
+from registry.atomic import TEMP_PREFIX
 from registry.blobs import sha256_file
 from registry.index import AdapterIndex
 from registry.schema import Adapter, Artifact
@@ -38,12 +38,12 @@ def doctor(reg, repair: bool = False) -> DoctorReport:
                                       Adapter.digest).where(Adapter.removed_at.is_(None))).all()
     report.checked_adapters = len(rows)
     for row in rows:
-        path = reg.blobs.path(row.weights_sha256)
-        if not path.exists() or sha256_file(path) != row.weights_sha256:
-            problem = f"{row.name}@{row.version}: weights blob {'missing' if not path.exists() else 'corrupt'}"
+        state = reg.blobs.problem(row.weights_sha256)
+        if state:
+            problem = f"{row.name}@{row.version}: weights blob sha256:{row.weights_sha256[:12]} {state} in {reg.blobs.location}"
             cached = reg.home / "fetched" / row.digest / peft_io.WEIGHTS_FILE
             if repair and cached.exists() and sha256_file(cached) == row.weights_sha256:
-                atomic_write(path, cached.read_bytes())
+                reg.blobs.restore(row.weights_sha256, cached.read_bytes())
                 report.repaired.append(f"{problem}; restored from the fetch cache")
             else:
                 report.problems.append(problem + ("; no intact copy to restore from" if repair else ""))
@@ -54,13 +54,14 @@ def doctor(reg, repair: bool = False) -> DoctorReport:
             referenced = set(session.scalars(select(Adapter.weights_sha256).where(Adapter.removed_at.is_(None))))
             referenced |= set(session.scalars(select(Artifact.sha256).where(Artifact.removed_at.is_(None))))
         for digest in sorted(reg.blobs.all_digests() - referenced):
-            if repair:
-                reg.blobs.delete(digest)
+            if not repair:
+                report.problems.append(f"unreferenced blob {digest[:12]} (left by an interrupted add or a removal)")
+            elif reg.blobs.delete_unreferenced(digest):
                 report.repaired.append(f"deleted unreferenced blob {digest[:12]}")
             else:
-                report.problems.append(f"unreferenced blob {digest[:12]} (left by an interrupted add or a removal)")
-        temps = sorted((reg.blobs.root / "sha256").glob(f"??/{TEMP_PREFIX}*")) if (reg.blobs.root / "sha256").exists() else []
-        for temp in temps:
+                report.repaired.append(f"kept unreferenced blob {digest[:12]}: younger than the grace period "
+                                       "(an add on another machine may be about to reference it)")
+        for temp in reg.blobs.partial_writes():
             if repair:
                 temp.unlink(missing_ok=True)
                 report.repaired.append(f"deleted partial write {temp.name}")

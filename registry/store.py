@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from registry import peft_io
 from registry.artifacts import ArtifactMethods
 from registry.atomic import atomic_write
-from registry.blobs import BlobStore, sha256_bytes, sha256_file
+from registry.blobs import evict_least_recent, open_blob_store, sha256_bytes, sha256_file
 from registry import faults
 from registry.db import ensure_schema, make_engine, name_lock, write_engine
 from registry.embeddings import embed_texts, encoder_id, mean_embedding
@@ -46,6 +46,14 @@ from registry.search import IndexMethods
 
 __all__ = ["ADAPTER_KINDS", "EMBEDDING_DIM", "AdapterInfo", "ArtifactInfo", "Registry", "SearchHit",
            "canonical_peft_config"]
+
+DEFAULT_FETCH_CACHE_BYTES = 8 << 30
+
+
+def fetch_cache_bytes() -> int:
+    """Size limit of ``<home>/fetched`` (``$REGISTRY_FETCH_CACHE_BYTES``): least recently used evicted."""
+    return int(os.environ.get("REGISTRY_FETCH_CACHE_BYTES", DEFAULT_FETCH_CACHE_BYTES))
+
 
 def canonical_peft_config(config: dict, base_model: str) -> dict:
     """The stored adapter_config.json: the user's fields plus the base model id we resolved."""
@@ -95,7 +103,7 @@ class Registry(IndexMethods, ArtifactMethods):
     """Open with ``Registry.open()``; every method takes REF strings (``name``, ``name@3``,
     ``name@prod``, ``sha256:<digest>``)."""
 
-    def __init__(self, home: Path, url: str, encoder: str | None = None):
+    def __init__(self, home: Path, url: str, encoder: str | None = None, blob_url: str | None = None):
         self.home = home
         self.url = url
         self.encoder = encoder
@@ -105,16 +113,17 @@ class Registry(IndexMethods, ArtifactMethods):
         ensure_schema(self.engine, url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(write_engine(self.engine), expire_on_commit=False)
-        self.blobs = BlobStore(home / "blobs")
+        self.blobs = open_blob_store(home, blob_url)  # <home>/blobs, or $REGISTRY_BLOB_URL (s3://...)
         self._index: AdapterIndex | None = None
         self._defer_index_save = False
 
     @classmethod
     def open(cls, home: str | os.PathLike | None = None, database_url_: str | None = None,
-             encoder: str | None = None) -> "Registry":
-        """Open (creating and migrating when needed) the registry at ``home`` / ``$REGISTRY_HOME``."""
+             encoder: str | None = None, blob_url: str | None = None) -> "Registry":
+        """Open (creating and migrating when needed) the registry at ``home`` / ``$REGISTRY_HOME``
+        (metadata in ``$REGISTRY_DATABASE_URL``, blobs in ``$REGISTRY_BLOB_URL`` when set)."""
         resolved = registry_home(home)
-        return cls(resolved, database_url(resolved, database_url_), encoder)
+        return cls(resolved, database_url(resolved, database_url_), encoder, blob_url)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -323,13 +332,7 @@ class Registry(IndexMethods, ArtifactMethods):
             return dict(session.get(Adapter, info.id).peft_config)
 
     def _read_blob(self, digest: str) -> bytes:
-        path = self.blobs.path(digest)
-        if not path.exists():
-            raise IntegrityError(f"blob {digest[:12]} is missing from {self.blobs.root}: run `registry doctor`")
-        data = path.read_bytes()
-        if sha256_bytes(data) != digest:
-            raise IntegrityError(f"blob {digest[:12]} does not match its digest: run `registry doctor`")
-        return data
+        return self.blobs.read(digest)
 
     # -- fetching --------------------------------------------------------------------------------
     def fetch(self, ref: str, to: str | os.PathLike | None = None, verify: bool = False) -> Path:
@@ -357,6 +360,7 @@ class Registry(IndexMethods, ArtifactMethods):
         if not verify and stamp.exists() and len(expected) == 2:
             try:
                 if json.loads(stamp.read_text()) == expected:
+                    os.utime(directory)  # recently used: evicted last
                     return directory
             except (OSError, ValueError):
                 pass
@@ -369,6 +373,8 @@ class Registry(IndexMethods, ArtifactMethods):
         if not files[1].exists() or sha256_file(files[1]) != info.weights_sha256:
             atomic_write(files[1], weights)
         atomic_write(stamp, json.dumps([[os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]).encode())
+        os.utime(directory)  # recently used: evicted last
+        evict_least_recent(sorted(directory.parent.iterdir()), fetch_cache_bytes(), keep=directory)
         return directory
 
     def export_vllm(self, directory: str | os.PathLike, refs: Sequence[str]) -> list[Path]:
@@ -413,7 +419,7 @@ class Registry(IndexMethods, ArtifactMethods):
         faults.point("rm.after_commit")
         with self.blobs.guard(exclusive=True):  # no add in flight that could be reusing this blob
             if not self.blob_referenced(info.weights_sha256):
-                self.blobs.delete(info.weights_sha256)
+                self.blobs.delete_unreferenced(info.weights_sha256)
                 shutil.rmtree(self.home / "fetched" / info.digest, ignore_errors=True)
         index = self._get_index()
         index.remove([info.id])

@@ -47,6 +47,27 @@ else
   exit 1
 fi
 
+# The S3 storage tests (tests/test_blob_stores.py) talk to moto's S3 API server, a real process.
+start_s3() {
+  local port
+  port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  python -m moto.server -H 127.0.0.1 -p "$port" >/tmp/moto-$$.log 2>&1 &
+  S3_PID=$!
+  export REGISTRY_TEST_S3_ENDPOINT="http://127.0.0.1:$port"
+  for _ in $(seq 1 100); do
+    python -c "import urllib.request; urllib.request.urlopen('$REGISTRY_TEST_S3_ENDPOINT/moto-api/')" >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  return 1
+}
+if start_s3; then
+  echo "S3 API (moto) ready: $REGISTRY_TEST_S3_ENDPOINT"
+  trap 'kill $S3_PID 2>/dev/null; su postgres -c "dropdb -p $PG_PORT --if-exists $TEST_DB" >/dev/null 2>&1' EXIT
+else
+  echo "error: could not start the S3 API server (moto); the S3 storage tests need it" >&2
+  exit 1
+fi
+
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 python -m pytest "$@"
 status=$?

@@ -149,9 +149,102 @@ def database_url(request, registry_home, monkeypatch) -> str:
     return url
 
 
+# -- blob stores: the local folder, or S3 (moto's S3 API server, a real process) ------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """The S3 API the test command started (``$REGISTRY_TEST_S3_ENDPOINT``), else one started here."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    url = os.environ.get("REGISTRY_TEST_S3_ENDPOINT")
+    process = None
+    if not url:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    process.kill()
+                    pytest.fail("could not start moto's S3 server (pip install 'moto[server]')")
+                time.sleep(0.1)
+    yield url
+    if process is not None:
+        process.kill()
+        process.wait()
+
+
+def make_bucket(endpoint: str, monkeypatch) -> str:
+    """A fresh bucket on ``endpoint``, with the AWS variables pointing the registry at it; its name."""
+    import uuid
+
+    import boto3
+
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    bucket = f"registry-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return bucket
+
+
 @pytest.fixture
-def reg(database_url):
-    """An empty registry on the parametrised database."""
+def blob_backend(request) -> str:
+    """Where ``reg`` keeps blobs: "local" here; modules with storage tests override it with
+    ``params=["local", "s3"]`` so the same tests run on both."""
+    return getattr(request, "param", "local")
+
+
+@pytest.fixture
+def blob_url(blob_backend, request, monkeypatch) -> str | None:
+    """``$REGISTRY_BLOB_URL`` for the backend (a fresh bucket for S3; deletions not delayed)."""
+    if blob_backend == "local":
+        monkeypatch.delenv("REGISTRY_BLOB_URL", raising=False)
+        return None
+    bucket = make_bucket(request.getfixturevalue("s3_endpoint"), monkeypatch)
+    url = f"s3://{bucket}/blobs"
+    monkeypatch.setenv("REGISTRY_BLOB_URL", url)
+    monkeypatch.setenv("REGISTRY_BLOB_GRACE_S", "0")
+    return url
+
+
+def damage_blob(reg, digest: str, how: str) -> None:
+    """Corrupt (``how="corrupt"``) or delete (``"delete"``) a stored blob behind the registry's back,
+    on either backend, and drop the S3 store's cached copy."""
+    from registry.blobs import S3BlobStore
+
+    store = reg.blobs
+    if isinstance(store, S3BlobStore):
+        if how == "delete":
+            store.client.delete_object(Bucket=store.bucket, Key=store.key(digest))
+        else:
+            data = store.client.get_object(Bucket=store.bucket, Key=store.key(digest))["Body"].read()
+            store.client.put_object(Bucket=store.bucket, Key=store.key(digest), Body=data[:-8] + b"\0" * 8)
+        (store.cache_root / "sha256" / digest[:2] / digest).unlink(missing_ok=True)
+        return
+    path = store.path(digest)
+    if how == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+
+
+@pytest.fixture
+def reg(database_url, blob_url):
+    """An empty registry on the parametrised database (and blob store)."""
     from registry.store import Registry
 
     registry = Registry.open()

@@ -306,8 +306,8 @@ def test_requests_are_retried_after_connection_errors_and_5xx_not_4xx(monkeypatc
             raise answer
         return answer
 
-    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     http = client._Http("http://registry.invalid", None, timeout=1)
+    monkeypatch.setattr(http._opener, "open", urlopen)
 
     def error(code: int):
         return urllib.error.HTTPError("http://registry.invalid/x", code, "x", {}, io.BytesIO(b'{"error": "busy"}'))

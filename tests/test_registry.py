@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import damage_blob
 from registry.errors import IntegrityError, InvalidName, NotFound, RegistryError
+
+
+@pytest.fixture(params=["local", "s3"])
+def blob_backend(request) -> str:
+    """Every storage test here runs on the local blob folder and on S3 (moto's server)."""
+    return request.param
 
 MATH_PROMPTS = ["What is 12 plus 7?", "Add 3 and 9.", "Compute 45 + 11.", "What is the sum of 8 and 5?"]
 REVERSE_PROMPTS = ["Spell the word 'garden' backwards.", "Reverse the letters of 'planet'.",
@@ -82,12 +89,25 @@ def test_fetch_loads_in_peft_and_matches(reg, tiny_adapter_factory, tiny_base_di
 
 def test_fetch_detects_a_corrupt_blob(reg, tiny_adapter_factory):
     info = reg.add_directory(tiny_adapter_factory("a"), name="corrupt")
-    blob = reg.blobs.path(info.weights_sha256)
-    blob.write_bytes(blob.read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(IntegrityError):
+    damage_blob(reg, info.weights_sha256, "corrupt")
+    with pytest.raises(IntegrityError, match=info.weights_sha256[:12]):
         reg.fetch("corrupt")
     report = reg.doctor()
     assert not report.ok and any("corrupt" in p for p in report.problems)
+
+
+def test_a_blob_deleted_behind_the_registrys_back(reg, tiny_adapter_factory):
+    """Fetch names the missing digest; doctor reports it and restores it from an intact fetched copy."""
+    info = reg.add_directory(tiny_adapter_factory("a"), name="gone")
+    fetched = reg.fetch("gone")
+    damage_blob(reg, info.weights_sha256, "delete")
+    with pytest.raises(IntegrityError, match=f"{info.weights_sha256[:12]} is missing"):
+        reg.load_weights("gone")
+    report = reg.doctor()
+    assert any(f"sha256:{info.weights_sha256[:12]} missing" in p for p in report.problems)
+    assert any("restored from the fetch cache" in r for r in reg.doctor(repair=True).repaired)
+    assert reg.doctor().ok and reg.load_weights("gone")[0].keys()
+    assert (fetched / "adapter_model.safetensors").exists()
 
 
 def test_fetch_rewrites_a_tampered_cached_copy(reg, tiny_adapter_factory):

@@ -147,7 +147,7 @@ def _result_dict(result: Any) -> dict:
 
 def create_app(registry=None, *, home: str | os.PathLike | None = None, token: str | None = None,
                protect_reads: bool | None = None, max_body_bytes: int = MAX_BODY_BYTES, fast_reads: bool = True,
-               generate: Callable | None = None, compose: Callable | None = None):
+               generate: Callable | None = None, compose: Callable | None = None, redirect_downloads: bool = False):
     """The ASGI app. ``registry`` (a ``Registry``) or ``home`` says what to serve; ``token``
     defaults to ``$REGISTRY_TOKEN`` and ``protect_reads`` to ``$REGISTRY_PROTECT_READS``.
 
@@ -155,6 +155,9 @@ def create_app(registry=None, *, home: str | os.PathLike | None = None, token: s
     prompts, *, k, strategy, name, task=..., exclude_tasks=...)`` back ``POST /v1/generate`` and
     ``POST /v1/compose`` (each returns the new adapter's record); without one the endpoint answers
     501. The registry package never imports the generator or retrieval: the caller passes them.
+
+    ``redirect_downloads`` answers weights downloads with a 307 to a presigned object-store URL
+    (S3 blob stores only; the bytes then never pass through this process).
 
     ``fast_reads=False`` leaves the hot reads to the FastAPI routes (same answers, slower: the
     tests compare the two).
@@ -167,7 +170,7 @@ def create_app(registry=None, *, home: str | os.PathLike | None = None, token: s
     token = token if token is not None else os.environ.get("REGISTRY_TOKEN")
     if protect_reads is None:
         protect_reads = _truthy(os.environ.get("REGISTRY_PROTECT_READS"))
-    reads = Reads(registry, AdapterFiles(registry), protect_reads)
+    reads = Reads(registry, AdapterFiles(registry), protect_reads, redirect_downloads)
     follower = IndexFollower(registry, reads.stamp)
     model_lock = threading.Lock()  # one search/generate/compose at a time: they share the FAISS index
     bearer = HTTPBearer(auto_error=False, description="The server's REGISTRY_TOKEN.")
@@ -350,12 +353,12 @@ def uvicorn_options(access_log: bool, log_level: str) -> dict:
 def serve(home: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 8080, *,
           protect_reads: bool | None = None, max_body_bytes: int = MAX_BODY_BYTES,
           access_log: bool = True, log_level: str = "info", generate: Callable | None = None,
-          compose: Callable | None = None) -> None:
+          compose: Callable | None = None, redirect_downloads: bool = False) -> None:
     """Run the server until interrupted (what ``registry serve`` calls, with both backends)."""
     import uvicorn
 
     app = create_app(home=home, protect_reads=protect_reads, max_body_bytes=max_body_bytes, generate=generate,
-                     compose=compose)
+                     compose=compose, redirect_downloads=redirect_downloads)
     options = uvicorn_options(access_log, log_level)
     config = uvicorn.Config(app, host=host, port=port, **options)  # also sets up uvicorn's logging
     protocol = options["http"]

@@ -80,8 +80,8 @@ class AdapterFiles:
     def open_weights(self, info) -> tuple[Any, bool]:
         """The weights blob opened for reading, and whether it is known intact at its current
         (size, mtime); if not, ``verify`` must run (in a worker thread) before it is served."""
-        path = self.registry.blobs.path(info.weights_sha256)
         try:
+            path = self.registry.blobs.local_path(info.weights_sha256)  # S3: downloaded, verified, cached
             handle = open(path, "rb")  # noqa: SIM115 - closed by the reply
         except FileNotFoundError:
             raise IntegrityError(f"weights of {info.ref} are missing from the blob store: run `registry doctor`") from None

@@ -59,10 +59,11 @@ class _Meta:
 class Reads:
     """The read endpoints' answers; ``request`` is a dict of the method and the few headers used."""
 
-    def __init__(self, registry, files: AdapterFiles, protect_reads: bool):
+    def __init__(self, registry, files: AdapterFiles, protect_reads: bool, redirect_downloads: bool = False):
         self.registry = registry
         self.files = files
         self.protect_reads = protect_reads
+        self.redirect_downloads = redirect_downloads  # weights: 307 to the object store's presigned URL
         self.stamp = ChangeStamp(registry.engine)
         self.moving = StampedCache(self.stamp)  # per REF: AdapterInfo and metadata bodies
         self._parsed = BoundedDict()  # REF text -> Ref (parsing is pure)
@@ -151,8 +152,14 @@ class Reads:
         if file_name == peft_io.CONFIG_FILE:
             data = self.files.cached_config(info) or await run_in_threadpool(self.files.config_bytes, info)
             return file_reply(request, etag_of(info.config_sha256), len(data), "application/json", headers, data=data)
+        etag = etag_of(info.weights_sha256)
+        if self.redirect_downloads and not etag_matches(request.get("if-none-match"), etag):
+            url = self.registry.blobs.presigned_url(info.weights_sha256)
+            if url:  # the bytes go from the object store; the client still checks them against the digest
+                return Reply(307, _header_list(dict(headers, Location=url, ETag=etag, **{"Cache-Control": "no-store"}),
+                                               None, 0))
         handle = await self._weights(info)
-        return file_reply(request, etag_of(info.weights_sha256), os.fstat(handle.fileno()).st_size,
+        return file_reply(request, etag, os.fstat(handle.fileno()).st_size,
                           "application/octet-stream", headers, handle=handle)
 
     async def _weights(self, info):
