@@ -910,3 +910,48 @@ def serve_while_clients_quit(thread, path, big, seeded):
         status, _, body = raw(url, "GET", path, headers={"Range": "bytes=1000000-"})
         assert status == 206 and body == results[0][2][1000000:]
         assert_still_serving(url, seeded)
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_idle_and_trickling_connections_are_closed(reg, seeded, monkeypatch, parser):
+    """A connection that sends nothing, or trickles its request head, is closed after the header
+    timeout; one that sends its request in time is answered and kept alive as before."""
+    import socket
+    import time
+
+    from registry.http import zerocopy
+    from registry.http.app import create_app
+    from server_helpers import ServerThread
+
+    monkeypatch.setenv("REGISTRY_HEADER_TIMEOUT_S", "1")
+    protocol = zerocopy._httptools_protocol() if parser == "httptools" else zerocopy._h11_protocol()
+    assert protocol.header_timeout == 1.0
+    thread = ServerThread(create_app(reg, token=TOKEN))
+    thread.server.config.http = protocol
+    with thread as url:
+        port = int(url.rsplit(":", 1)[1])
+
+        def closed_after(send_slowly: bytes) -> float:
+            start = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                for byte in send_slowly:
+                    try:
+                        sock.sendall(bytes([byte]))
+                    except OSError:
+                        break
+                    time.sleep(0.2)
+                while sock.recv(1024):
+                    pass
+            return time.monotonic() - start
+
+        assert closed_after(b"") < 5  # idle: closed after ~1 s
+        assert closed_after(b"GET /v1/adapters/math HTTP/1.1\r\nHost: x\r\nX-Slow: 1234567890") < 5  # trickled
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            for _ in range(2):  # in time, twice on one keep-alive connection
+                sock.sendall(b"GET /v1/adapters/math HTTP/1.1\r\nHost: x\r\n\r\n")
+                reply = b""
+                while b"math@2" not in reply:
+                    chunk = sock.recv(65536)
+                    assert chunk, reply
+                    reply += chunk
+                assert reply.startswith(b"HTTP/1.1 200")

@@ -34,6 +34,7 @@ import socket
 ZEROCOPY = "http.response.zerocopysend"
 CHUNK = 1 << 20
 COALESCE = 256 << 10  # headers and a body up to this size go out in one write
+HEADER_TIMEOUT_S = 15.0  # a connection must send a whole request head this soon (idle/trickle guard)
 
 log = logging.getLogger("registry.server")
 
@@ -229,16 +230,64 @@ def _upgrade(cycle, base, upgraded) -> None:
         cycle.scope.setdefault("extensions", {})[ZEROCOPY] = {}
 
 
+def header_timeout_s() -> float:
+    """Seconds a connection may take to send a request's headers (``$REGISTRY_HEADER_TIMEOUT_S``)."""
+    return float(os.environ.get("REGISTRY_HEADER_TIMEOUT_S", HEADER_TIMEOUT_S))
+
+
+class _HeaderDeadline:
+    """Close a connection that has not sent a whole request head within ``header_timeout`` of
+    opening or of its last response (uvicorn has no such timeout: a connection that sends nothing,
+    or trickles its headers a byte at a time, would otherwise be held for ever). The deadline does
+    not move as bytes arrive, so trickling does not extend it; it is lifted once the head is in."""
+
+    header_timeout = HEADER_TIMEOUT_S
+    _header_deadline = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def connection_lost(self, exc) -> None:
+        self._lift_header_deadline()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self._arm_header_deadline()  # (a pipelined request already started keeps it lifted)
+
+    def _arm_header_deadline(self) -> None:
+        self._lift_header_deadline()
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._header_deadline_passed)
+
+    def _lift_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _header_deadline_passed(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            log.info("closing a connection that sent no complete request head in %.0f s", self.header_timeout)
+            self.transport.close()
+
+
 def _h11_protocol():
     from uvicorn.protocols.http import h11_impl
 
     base, upgraded = _upgraded(h11_impl)
 
-    class ZeroCopyH11Protocol(h11_impl.H11Protocol):
-        """uvicorn's h11 protocol with ``http.response.zerocopysend``."""
+    class ZeroCopyH11Protocol(_HeaderDeadline, h11_impl.H11Protocol):
+        """uvicorn's h11 protocol with ``http.response.zerocopysend`` and a request-head deadline."""
+
+        header_timeout = header_timeout_s()
 
         def handle_events(self) -> None:
+            before = self.cycle
             super().handle_events()
+            if self.cycle is not before and self.cycle is not None:
+                self._lift_header_deadline()  # a new request's head is in
             _upgrade(self.cycle, base, upgraded)
 
     return ZeroCopyH11Protocol
@@ -249,10 +298,13 @@ def _httptools_protocol():
 
     base, upgraded = _upgraded(httptools_impl)
 
-    class ZeroCopyHttpToolsProtocol(httptools_impl.HttpToolsProtocol):
-        """uvicorn's httptools protocol with ``http.response.zerocopysend``."""
+    class ZeroCopyHttpToolsProtocol(_HeaderDeadline, httptools_impl.HttpToolsProtocol):
+        """uvicorn's httptools protocol with ``http.response.zerocopysend`` and a request-head deadline."""
+
+        header_timeout = header_timeout_s()
 
         def on_headers_complete(self) -> None:
+            self._lift_header_deadline()
             super().on_headers_complete()
             _upgrade(self.cycle, base, upgraded)
 
