@@ -42,7 +42,8 @@ from http.client import HTTPException
 from pathlib import Path
 from urllib.parse import quote
 
-from registry.atomic import atomic_write, fsync_dir, swap_directory
+from registry import faults
+from registry.atomic import TEMP_PREFIX, atomic_write, fsync_dir, remove_stale, swap_directory
 from registry.errors import IntegrityError, NotFound, RegistryError
 from registry.refs import parse_ref, validate_name
 
@@ -146,6 +147,7 @@ def sync_vllm(base_url: str, refs: list[str], directory: str | os.PathLike,
                                 "a resolver directory holds one version per name")
         names[item.name] = ref
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale(root)  # folders a killed sync left (older than an hour)
     results = []
     for ref, item in zip(refs, fetched):
         target = root / validate_name(item.name)
@@ -153,7 +155,7 @@ def sync_vllm(base_url: str, refs: list[str], directory: str | os.PathLike,
         changed = not (current.get("digest") == item.digest and (target / CONFIG_FILE).is_file()
                        and (target / WEIGHTS_FILE).is_file())
         if changed:
-            staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+            staging = Path(tempfile.mkdtemp(dir=root, prefix=TEMP_PREFIX))
             try:
                 for name in (CONFIG_FILE, WEIGHTS_FILE):
                     shutil.copyfile(item.path / name, staging / name)
@@ -283,7 +285,8 @@ def _download(http: _Http, cache: Path, expected: dict) -> dict:
     digest = expected["digest"]
     adapters = cache / "adapters"
     adapters.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=adapters, prefix=".tmp-"))
+    remove_stale(adapters)  # downloads a killed client left (older than an hour)
+    staging = Path(tempfile.mkdtemp(dir=adapters, prefix=TEMP_PREFIX))
     try:
         for name, sha, size in ((CONFIG_FILE, expected["config_sha256"], None),
                                 (WEIGHTS_FILE, expected["weights_sha256"], expected["size_bytes"])):
@@ -327,6 +330,7 @@ def _download_file(http: _Http, path: str, dest: Path, sha: str, size: int | Non
                         hasher.update(block)
                         out.write(block)
                         written += len(block)
+                        faults.point("client.mid_download")
                         if size is not None and written > size:
                             raise IntegrityError(f"{path}: more bytes than the {size} the metadata named")
                     if end is not None and written < end:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from registry import peft_io
-from registry.atomic import swap_directory
+from registry.atomic import TEMP_PREFIX, remove_stale, swap_directory
 
 
 def export_vllm(reg, directory: str | os.PathLike, refs: Sequence[str]) -> list[Path]:
@@ -19,11 +19,12 @@ def export_vllm(reg, directory: str | os.PathLike, refs: Sequence[str]) -> list[
     vLLM's filesystem resolver and LoRAX read. Each folder is swapped in atomically."""
     root = Path(directory).expanduser()
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale(root)  # folders a killed export left (older than an hour)
     written = []
     for ref in refs:
         info = reg.resolve(ref)
         source = reg._materialize(info, verify=False)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{TEMP_PREFIX}export-"))
         for file_name in (peft_io.CONFIG_FILE, peft_io.WEIGHTS_FILE):
             shutil.copyfile(source / file_name, staging / file_name)
         (staging / "registry.json").write_text(json.dumps({"ref": info.ref, "digest": info.digest}))

@@ -158,3 +158,59 @@ def test_two_harvests_of_one_task_at_once_store_each_checkpoint_once(tiny_base_d
         assert proc.returncode == 0, err
     refs, report = reader_view(registry_home)
     assert refs == ["doubling@1", "doubling@2", "doubling@3"] and report.ok, report.problems
+
+
+def _age(path, seconds: float = 7200) -> None:
+    """Make ``path`` look untouched for ``seconds`` (what a killed writer left an hour ago)."""
+    import time
+
+    old = time.time() - seconds
+    os.utime(path, (old, old))
+
+
+def test_export_killed_mid_swap_leaves_a_complete_folder(tiny_adapter_factory, registry_home, tmp_path):
+    """`registry export --vllm`: killed right after the folders were exchanged, the resolver
+    folder is the new complete version; the old one, left under a temp name, is removed later."""
+    from registry.blobs import sha256_file
+
+    out = tmp_path / "loras"
+    assert run_cli("add", tiny_adapter_factory("a", seed=1), "--name", "a").returncode == 0
+    assert run_cli("export", "a@1", "--vllm", out).returncode == 0
+    assert run_cli("add", tiny_adapter_factory("b", seed=2), "--name", "a").returncode == 0
+    proc = run_cli("export", "a@2", "--vllm", out, fault="swap.after_exchange")
+    assert killed(proc), proc.stderr
+    from registry.store import Registry
+
+    with Registry.open(registry_home) as reg:
+        second = reg.resolve("a@2")
+    record = json.loads((out / "a" / "registry.json").read_text())
+    assert record["digest"] == second.digest
+    assert sha256_file(out / "a" / "adapter_model.safetensors") == second.weights_sha256
+    leftovers = [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    assert len(leftovers) == 1  # the old folder, exchanged out
+    _age(leftovers[0])
+    assert run_cli("export", "a@2", "--vllm", out).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a"]
+
+
+def test_client_download_killed_mid_body_leaves_nothing_cached(reg, tiny_adapter_factory, tmp_path):
+    """`registry pull`: a client killed in the middle of the weights leaves only a temp folder (never
+    a cached adapter a later run would trust); the rerun downloads, verifies, and cleans up."""
+    from registry.blobs import sha256_file
+    from registry.http.app import create_app
+    from server_helpers import ServerThread
+
+    info = reg.add_directory(tiny_adapter_factory("a"), name="far")
+    cache = tmp_path / "client-cache"
+    with ServerThread(create_app(reg, token="t")) as url:
+        proc = run_cli("pull", "far@1", "--server", url, "--cache-dir", cache, fault="client.mid_download")
+        assert killed(proc), proc.stderr
+        entries = list((cache / "adapters").iterdir())
+        assert entries and all(p.name.startswith(".tmp-") for p in entries)
+        for entry in entries:
+            _age(entry)
+        again = run_cli("pull", "far@1", "--server", url, "--cache-dir", cache)
+        assert again.returncode == 0, again.stderr
+    path = Path(again.stdout.strip().splitlines()[-1])
+    assert sha256_file(path / "adapter_model.safetensors") == info.weights_sha256
+    assert sorted(p.name for p in (cache / "adapters").iterdir()) == [info.digest]
