@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -97,6 +98,11 @@ def harvest_command(
     keep: Annotated[Optional[int], typer.Option("--keep", help="Checkpoints kept near the end of training.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     precision: PrecisionOption = None,
+    ray: Annotated[bool, typer.Option("--ray", help="With --zoo: one Ray task per zoo task (a GPU each where the "
+                                      "cluster has them), all writing to this registry.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help=(
+        "The Ray cluster for --ray (implies it); default: ray.init()'s ($RAY_ADDRESS, this machine's "
+        "cluster, else a new local one)."))] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ):
@@ -110,6 +116,9 @@ def harvest_command(
         raise RegistryError("give either --task T or --zoo")
     if family and not zoo:
         raise RegistryError("--family goes with --zoo")
+    ray = ray or ray_address is not None
+    if ray and not zoo:
+        raise RegistryError("--ray goes with --zoo")
     names = [task] if not zoo else (zoo_names() if not family else
                                     [n for f in family.split(",") for n in zoo_names(f.strip())])
     config = HarvestConfig(rank=rank, alpha=alpha, seed=seed,
@@ -122,6 +131,9 @@ def harvest_command(
 
     resolve(precision)  # an unknown name fails here, before any work
     tasks = [resolve_task(name) for name in names]
+    if ray:
+        _harvest_on_ray(names, ray_address, home, base, config, device, precision, json_output)
+        return
     summaries = []
     with open_registry(home) as reg, progress() as bar:
         overall = bar.add_task("tasks", total=len(tasks), status="")
@@ -137,6 +149,37 @@ def harvest_command(
                        status="already harvested" if summary.skipped else f"{len(summary.refs)} checkpoints")
             bar.advance(overall)
             summaries.append(summary)
+    _print_summaries(summaries, json_output)
+
+
+def _harvest_on_ray(names, address, home, base, config, device, precision, json_output) -> None:
+    """``harvest --zoo --ray``: the tasks on a Ray cluster; a one-line error per failed task, exit 1 if any."""
+    from harvest.distributed import harvest_on_ray
+    from registry.paths import registry_home
+
+    with open_registry(registry_home(home).resolve()) as reg:  # created and migrated once, before the workers
+        where = {"home": reg.home, "database_url": reg.url}
+    with progress() as bar:
+        overall = bar.add_task("tasks", total=len(names), status="")
+
+        def on_done(outcome):
+            status = "failed" if outcome.error else ("skipped" if outcome.summary.skipped else "harvested")
+            bar.update(overall, advance=1, status=f"{outcome.task} {status}")
+
+        outcomes = harvest_on_ray(names, **where, address=address, base=base, config=config, device=device,
+                                  precision=precision, on_done=on_done)
+    failed = [o for o in outcomes if o.error]
+    if json_output:
+        print_json([o.summary.to_dict() if o.summary else {"task": o.task, "error": o.error} for o in outcomes])
+    else:
+        _print_summaries([o.summary for o in outcomes if o.summary], False)
+    for outcome in failed:
+        print(f"error: {outcome.task}: {outcome.error}", file=sys.stderr)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _print_summaries(summaries, json_output: bool) -> None:
     if json_output:
         print_json([s.to_dict() for s in summaries])
         return
