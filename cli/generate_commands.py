@@ -31,7 +31,8 @@ def train_generator(
     tasks: TasksOption = [],
     exclude_tasks: ExcludeOption = [],
     arch: Annotated[str, typer.Option(help="Generator architecture: dnd (Drag-and-Drop) or cvae (ICM-LoRA).")] = "dnd",
-    objective: Annotated[str, typer.Option(help="dnd: recon (regress harvested weights) or sft (train through the base model on the tasks' answers).")] = "recon",
+    objective: Annotated[str, typer.Option(help="dnd: recon (regress harvested weights), sft (train through the base model on the tasks' answers) or both (sft + reconstruction as a regulariser).")] = "recon",
+    recon_weight: Annotated[Optional[float], typer.Option("--recon-weight", help="both: weight of the reconstruction term (default 0.1).")] = None,
     anchor: Annotated[str, typer.Option(help="sft: the adapter the generated LoRA starts from: multitask (trained on the same tasks first if missing), none (random A, B = 0) or a REF.")] = "multitask",
     items_per_task: Annotated[int, typer.Option("--items-per-task", help="sft: train items per task per step.")] = 4,
     steps: Annotated[int, typer.Option(help="Training steps (a rerun with more steps continues).")] = 2000,
@@ -72,14 +73,18 @@ def train_generator(
              "cond_embed": cond_embed, "basis_dim": basis_dim, "kl_weight": kl_weight, "center": center,
              "max_length": max_length}
     given = {k: v for k, v in given.items() if v is not None}
+    if recon_weight is not None and objective != "both":
+        raise RegistryError("--recon-weight applies to --objective both only")
     if arch == "cvae":
         options = {**given, "seed": seed, "save_every": save_every, "base_model": base_model}
-    elif objective == "sft":
+    elif objective in ("sft", "both"):
         if given or spread_weighting:
-            raise RegistryError("the CVAE options and --spread-weighting do not apply to --objective sft")
+            raise RegistryError(f"the CVAE options and --spread-weighting do not apply to --objective {objective}")
         options = dict(n_prompts=n_prompts, prompt_tokens=prompt_tokens, n_layers=layers, kernel=kernel,
                        hidden_tokens=hidden_tokens, seed=seed, save_every=save_every, base_model=base_model,
                        items_per_task=items_per_task)
+        if recon_weight is not None:
+            options["recon_weight"] = recon_weight
     else:
         if given:
             raise RegistryError(f"{', '.join(CVAE_CLI_OPTIONS[k] for k in given)} only apply to --arch cvae")
@@ -88,9 +93,9 @@ def train_generator(
                        save_every=save_every, base_model=base_model)
     err = console_err()
     with open_registry(home) as reg, progress() as bar:
-        if objective == "sft":
+        if objective in ("sft", "both"):
             tasks, options["task_items"], options["anchor"] = _sft_inputs(reg, tasks, exclude_tasks, anchor, bar)
-        task_id = bar.add_task(f"train-generator ({arch}{', sft' if objective == 'sft' else ''})", total=steps,
+        task_id = bar.add_task(f"train-generator ({arch}{', ' + objective if objective != 'recon' else ''})", total=steps,
                                status="starting")
 
         def on_step(step: int, total: int, loss: float):

@@ -48,7 +48,8 @@ __all__ = ["ARCHES", "ARTIFACT_TYPE", "BACKENDS", "CVAE_ARTIFACT_TYPE", "DEFAULT
 
 BACKENDS: dict[str, GeneratorBackend] = {backend.arch: backend for backend in (DND, CVAE, SFT)}
 ARCHES = ("dnd", "cvae")  # the --arch names; the SFT-trained DnD is --arch dnd --objective sft
-OBJECTIVES = ("recon", "sft")
+OBJECTIVES = ("recon", "sft", "both")  # both: sft + the reconstruction regulariser (DEFAULT_RECON_WEIGHT)
+DEFAULT_RECON_WEIGHT = 0.1
 
 
 def backend_of(info) -> GeneratorBackend:
@@ -72,7 +73,8 @@ def train_generator_from_registry(
     ``objective="sft"`` trains the DnD decoder through the frozen base model instead of onto
     harvested weights (``generator.sft_service.train_dnd_sft``; ``config`` then takes ``task_items``
     (task -> [(prompt, answer)]), ``anchor`` (a REF, e.g. the multitask LoRA), ``items_per_task`` and
-    the decoder options; ``batch_size`` is tasks per step). ``arch="cvae"`` trains the ICM-LoRA CVAE instead (``train_cvae_from_registry``: ``n_prompts``
+    the decoder options; ``batch_size`` is tasks per step); ``objective="both"`` adds the
+    reconstruction regulariser (``recon_weight``, default ``DEFAULT_RECON_WEIGHT``) to it. ``arch="cvae"`` trains the ICM-LoRA CVAE instead (``train_cvae_from_registry``: ``n_prompts``
     is not used, ``config`` takes the CVAE's options); ``name`` defaults to the arch's name and
     ``batch_size`` to the arch's default (8 for DnD, 4 for the CVAE).
 
@@ -87,11 +89,15 @@ def train_generator_from_registry(
     """
     if arch not in ARCHES:
         raise GeneratorError(f"unknown generator architecture {arch!r}: one of {', '.join(ARCHES)}")
-    if objective not in OBJECTIVES or (objective == "sft" and arch != "dnd"):
+    if objective not in OBJECTIVES or (objective != "recon" and arch != "dnd"):
         raise GeneratorError(f"unknown objective {objective!r} for {arch}: "
-                             + ("recon or sft" if arch == "dnd" else "the CVAE trains by reconstruction (recon)"))
-    backend = SFT if objective == "sft" else BACKENDS[arch]
-    return backend.train(reg, name=name or (f"{arch}-sft" if objective == "sft" else arch), tasks=tasks,
+                             + ("recon, sft or both" if arch == "dnd" else "the CVAE trains by reconstruction (recon)"))
+    if objective == "both":
+        config.setdefault("recon_weight", DEFAULT_RECON_WEIGHT)
+    elif "recon_weight" in config and objective != "sft":
+        raise GeneratorError("a reconstruction weight applies to --objective both (or sft) only")
+    backend = SFT if objective in ("sft", "both") else BACKENDS[arch]
+    return backend.train(reg, name=name or (f"{arch}-{objective}" if objective != "recon" else arch), tasks=tasks,
                          exclude_tasks=exclude_tasks, steps=steps, lr=lr,
                          batch_size=backend.default_batch_size if batch_size is None else batch_size,
                          n_prompts=n_prompts, device=device, on_step=on_step, resume=resume, on_status=on_status,

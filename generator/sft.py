@@ -48,6 +48,7 @@ class SFTTask:
     name: str
     condition: Tensor                                 # (P, L, C) prompt-token embeddings (prompts only)
     examples: list[tuple[list[int], int]] = field(default_factory=list)  # (token ids, prompt length)
+    targets: Tensor | None = None                     # (K, T, h, w) harvested token grids (objective "both")
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,6 +89,13 @@ def random_a_anchor(layout: LoraLayout, seed: int = 0) -> Tensor:
         a = (torch.rand(m.rank, m.in_features, generator=generator) * 2 - 1) * bound  # (r, in)
         grid[m.a_start:m.a_start + m.a_tokens] = matrix_to_tokens(a, layout.chunk_width, layout.token_height)
     return grid
+
+
+def recon_error(generated: Tensor, target: Tensor, scale: Tensor, mask: Tensor) -> Tensor:
+    """Mean squared error of a generated grid (T, h, w) to a harvested one, per module in units of
+    the head's ``scale`` (T, 1, 1), padding (``mask``) excluded: the reconstruction regulariser."""
+    squared = ((generated - target) / scale) ** 2 * mask
+    return squared.sum() / mask.sum().clamp(min=1)
 
 
 class ResidualHead(nn.Module):
@@ -192,13 +200,14 @@ class SFTGenerator(nn.Module):
 def train_sft(generator: SFTGenerator, model: nn.Module, tasks: Sequence[SFTTask], layout: LoraLayout, *,
               steps: int, scaling: float, pad_id: int, lr: float = 1e-3, tasks_per_step: int = 2,
               items_per_task: int = 4, grad_clip: float | None = 1.0, state=None, seed: int = 0,
-              device: str | torch.device = "cpu", precision: str = "fp32",
+              device: str | torch.device = "cpu", precision: str = "fp32", recon_weight: float = 0.0,
               on_step: Callable[[int, int, float], bool | None] | None = None):
     """Train ``generator`` (decoder + head gate) until ``state.step == steps`` so that the LoRA generated
     from a task's prompts lowers the frozen ``model``'s answer loss on that task's items.
 
     Each step draws ``tasks_per_step`` tasks; each gets its own generated LoRA and a batch of
-    ``items_per_task`` of its items. ``state`` (``generator.training.TrainState``) resumes exactly;
+    ``items_per_task`` of its items. With ``recon_weight`` > 0 (objective "both"), a task with
+    harvested ``targets`` also adds ``recon_weight`` x ``recon_error`` to one of them. ``state`` (``generator.training.TrainState``) resumes exactly;
     ``on_step(step, steps, loss)`` returning False stops. Returns ``(generator, state)``."""
     from generator.training import TrainState, run_steps
     from registry.lm import answer_loss, collate
@@ -230,8 +239,14 @@ def train_sft(generator: SFTGenerator, model: nn.Module, tasks: Sequence[SFTTask
             task = usable[int(index)]
             condition = draw_condition(task, generator.config.n_prompts, rng).to(device)  # (N, L, C)
             batch = [t.to(device) for t in collate(draw_examples(task, items_per_task, rng), pad_id)]
-            lora.weights = lora_factors(generator(condition[None])[0], layout)           # (T, h, w) -> factors
+            generated = generator(condition[None])[0]                                   # (T, h, w)
+            lora.weights = lora_factors(generated, layout)
             total = total + loss_of(*batch) / len(chosen)
+            if recon_weight and task.targets is not None and len(task.targets):
+                pick = int(torch.randint(len(task.targets), (1,), generator=rng))
+                target = task.targets[pick].to(device)                                   # (T, h, w)
+                error = recon_error(generated, target, generator.head.scale, generator.head.mask)
+                total = total + recon_weight * error / len(chosen)
         return total
 
     try:

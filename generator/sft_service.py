@@ -62,17 +62,18 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
                   on_status: Callable[[str], None] | None = None, task_items: Mapping | None = None,
                   anchor: str | None = None, items_per_task: int = DEFAULT_ITEMS_PER_TASK, max_length: int = 160,
                   seed: int = 0, save_every: int = 50, grad_clip: float = 1.0, precision: str | None = None,
-                  base_model: str | None = None, **decoder_options):
+                  base_model: str | None = None, recon_weight: float = 0.0, **decoder_options):
     """Train the DnD decoder through the frozen base (``generator.sft``) and store it (``ArtifactInfo``).
 
     ``batch_size`` is the number of tasks per step, each with ``items_per_task`` items; ``anchor`` a
     REF of the adapter the generated LoRA starts from (the multitask LoRA; None: a fixed random A
-    with B = 0)."""
+    with B = 0). ``recon_weight`` > 0 is objective "both": the distance of the generated grid to the
+    task's harvested checkpoints (``generator.sft.recon_error``) is added as a regulariser."""
 
     from generator.dnd import DnDConfig, DnDDecoder
     from generator.dnd_service import _encoder_for, _embed_prompts
     from generator.sft import ResidualHead, SFTGenerator, SFTTask, train_sft
-    from generator.tokenizer import layout_from_state_dict, state_dict_to_tokens
+    from generator.tokenizer import layout_from_state_dict, stack_token_grids, state_dict_to_tokens
     from generator.training import resolve_device
     from registry.lm import encode_example, use_training_attention
     from registry.refs import validate_name
@@ -82,8 +83,9 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     unknown = sorted(set(decoder_options) - set(DECODER_OPTIONS))
     if unknown:
         raise GeneratorError(f"unknown option(s) for the SFT objective: {', '.join(unknown)}")
-    if steps < 1 or batch_size < 1 or items_per_task < 1 or n_prompts < 1 or lr <= 0:
-        raise GeneratorError("steps, tasks per step, items per task and n_prompts must be >= 1 and lr > 0")
+    if steps < 1 or batch_size < 1 or items_per_task < 1 or n_prompts < 1 or lr <= 0 or recon_weight < 0:
+        raise GeneratorError("steps, tasks per step, items per task and n_prompts must be >= 1, lr > 0 "
+                             "and the reconstruction weight >= 0")
     if not task_items:
         raise GeneratorError("the SFT objective needs the training tasks' items (prompt, answer pairs)")
     excluded = set(exclude_tasks)
@@ -102,7 +104,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         raise GeneratorError("none of the SFT training tasks has a harvested adapter to take the layout from")
     data = collect_training_set(reg, harvested, (), base_model=base_model)
     layout = layout_from_state_dict(next(iter(data.checkpoints.values()))[0])
-    data.checkpoints = {t: [] for t in data.checkpoints}  # only the layout was needed
+    targets = {t: stack_token_grids(c, layout) for t, c in data.checkpoints.items()} if recon_weight else {}
+    data.checkpoints = {t: [] for t in data.checkpoints}  # only the layout was needed (and targets for "both")
     scaling = lora_scaling(data.peft_fields)
     anchor_info, anchor_tokens = None, None
     if anchor is not None:
@@ -127,10 +130,12 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     for task, items in task_items.items():
         condition, _ = _embed_prompts(encoder, [p for p, _ in items], decoder_config.prompt_tokens)  # (P, L, C)
         examples = [encode_example(tokenizer, p, a, max_length) for p, a in items]
-        sft_tasks.append(SFTTask(task, condition.float().cpu(), examples))
+        sft_tasks.append(SFTTask(task, condition.float().cpu(), examples, targets.get(task)))
 
     settings = {"lr": lr, "tasks_per_step": batch_size, "items_per_task": items_per_task, "seed": seed,
                 "grad_clip": grad_clip, "max_length": max_length}
+    if recon_weight:
+        settings["recon_weight"] = recon_weight  # (absent for plain sft: earlier fingerprints stay valid)
     fingerprint = sha256_json({"items": _items_digest(task_items), "layout": layout.fingerprint,
                                "anchor": anchor_info.digest if anchor_info else None, "config": decoder_config.to_dict(),
                                "encoder": reg.encoder_id, "base": data.base_fingerprint, "training": settings,
@@ -154,7 +159,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
             train_chunk=lambda gen, st, target, on_chunk_step: train_sft(
                 gen, model, sft_tasks, layout, steps=target, scaling=scaling, pad_id=tokenizer.pad_token_id,
                 lr=lr, tasks_per_step=batch_size, items_per_task=items_per_task, grad_clip=grad_clip, state=st,
-                device=device, precision=precision, on_step=on_chunk_step))
+                device=device, precision=precision, recon_weight=recon_weight, on_step=on_chunk_step))
         data.prompts = {t: [p for p, _ in items] for t, items in task_items.items()}
         data.checkpoints = {t: [] for t in task_items}
         meta = {
@@ -164,7 +169,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
             **training_meta(data, layout, exclude_tasks, {t: 0 for t in task_items}, state, {
                 **settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
                 "device": str(device), "fingerprint": fingerprint, "precision": precision}),
-            "objective": "sft",
+            "objective": "both" if recon_weight else "sft",
             "parametrisation": "anchor + gate * scale * decoder",
             "anchor": anchor_info.ref if anchor_info else None,
             "items_per_task": {t: len(v) for t, v in task_items.items()},
