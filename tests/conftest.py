@@ -132,6 +132,17 @@ def _reset_postgres(url: str) -> None:
     engine.dispose()
 
 
+def empty_postgres() -> str:
+    """The test PostgreSQL, emptied; fails under CI when it is not configured, else skips."""
+    url = postgres_url()
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("REGISTRY_TEST_POSTGRES_URL is not set: run the tests with scripts/test.sh")
+        pytest.skip("PostgreSQL not configured (scripts/test.sh sets REGISTRY_TEST_POSTGRES_URL)")
+    _reset_postgres(url)
+    return url
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request, registry_home, monkeypatch) -> str:
     """Run a storage test on SQLite and on PostgreSQL (the test command starts the server)."""
@@ -139,12 +150,7 @@ def database_url(request, registry_home, monkeypatch) -> str:
         url = f"sqlite:///{registry_home / 'registry.db'}"
         registry_home.mkdir(parents=True, exist_ok=True)
     else:
-        url = postgres_url()
-        if not url:
-            if os.environ.get("CI"):
-                pytest.fail("REGISTRY_TEST_POSTGRES_URL is not set: run the tests with scripts/test.sh")
-            pytest.skip("PostgreSQL not configured (scripts/test.sh sets REGISTRY_TEST_POSTGRES_URL)")
-        _reset_postgres(url)
+        url = empty_postgres()
     monkeypatch.setenv("REGISTRY_DATABASE_URL", url)
     return url
 

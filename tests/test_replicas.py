@@ -4,13 +4,10 @@ seen by replica B, B's readers never get a wrong or failed answer, and B outlive
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-import pytest
-
-from conftest import _reset_postgres, postgres_url
+from conftest import empty_postgres
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -18,12 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 def test_replicas_share_one_database_and_bucket(s3_endpoint, tmp_path, monkeypatch):
     from bench_replicas import run
 
-    url = postgres_url()
-    if not url:
-        if os.environ.get("CI"):
-            pytest.fail("REGISTRY_TEST_POSTGRES_URL is not set: run the tests with scripts/test.sh")
-        pytest.skip("PostgreSQL not configured (scripts/test.sh sets REGISTRY_TEST_POSTGRES_URL)")
-    _reset_postgres(url)
+    url = empty_postgres()
     for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)  # run() sets them too; monkeypatch restores them after the test
