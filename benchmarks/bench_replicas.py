@@ -16,8 +16,9 @@ What it does (every process on 127.0.0.1, everything it starts stopped by pid):
    digest *and* a search for its prompt that returns it) and until B resolves the moved alias;
 4. SIGKILLs replica A in the middle of a download and keeps reading through B.
 
-Prints one JSON object: adds, reads, errors (must be 0), visibility p50/p99 in ms for adds and
-aliases. Exit status 0 only with zero errors and every add and alias seen by B.
+Prints one JSON object: adds, reads, errors (must be 0), p50/p99 in ms of how long until B
+resolves an add, until its search also returns it, until B sees a moved alias, and what one search
+on B costs meanwhile (searches share one encoder: under the readers' load they queue). Exit status 0 only with zero errors and every add and alias seen by B.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class Readers:
         self.base_url, self.count = base_url, count
         self.known: list[dict] = []  # {name, digest, weights_sha256, prompt}, appended once visible
         self.reads = self.errors = 0
+        self.search_seconds: list[float] = []
         self.problems: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -121,7 +123,9 @@ class Readers:
                 ok = status == 200 and hashlib.sha256(body).hexdigest() == item["weights_sha256"]
             else:
                 query = urllib.parse.urlencode({"q": item["prompt"], "k": 3})
+                start = time.monotonic()
                 status, body = get(f"{self.base_url}/v1/search?{query}")
+                self.search_seconds.append(time.monotonic() - start)
                 ok = status == 200 and isinstance(json.loads(body), list)
             with self._lock:
                 self.reads += 1
@@ -129,12 +133,18 @@ class Readers:
                 self._fail(f"{kind} {item['name']}: status {status}")
 
 
-def visible_on(base_url: str, name: str, digest: str, prompt: str) -> bool:
+def resolvable_on(base_url: str, name: str, digest: str) -> bool:
     status, body = get(f"{base_url}/v1/adapters/{name}@1")
-    if status != 200 or json.loads(body)["digest"] != digest:
-        return False
+    return status == 200 and json.loads(body)["digest"] == digest
+
+
+def searchable_on(base_url: str, name: str, prompt: str) -> bool:
     status, body = get(f"{base_url}/v1/search?{urllib.parse.urlencode({'q': prompt, 'k': 3})}")
     return status == 200 and name in [hit["name"] for hit in json.loads(body)]
+
+
+def visible_on(base_url: str, name: str, digest: str, prompt: str) -> bool:
+    return resolvable_on(base_url, name, digest) and searchable_on(base_url, name, prompt)
 
 
 def wait_until(check, timeout: float = VISIBLE_TIMEOUT_S) -> float | None:
@@ -188,13 +198,18 @@ def run(database_url: str, s3_endpoint: str | None, adds: int, readers: int, wor
         readers_b.known.append({"name": "seed", "digest": first.digest, "weights_sha256": first.weights_sha256,
                                 "prompt": "a seed prompt"})
         readers_b.start()
-        add_seen, alias_seen, unseen = [], [], []
+        add_seen, resolve_seen, alias_seen, unseen = [], [], [], []
         for i in range(adds):
             name, prompt = f"adapter-{i:03d}", f"replica probe {i}: {random.Random(i).random():.6f}"
             state, config = random_lora(i)
             info = writer.add_weights(name, state, config, kind="harvested", base=str(base), prompts=[prompt])
-            seen = wait_until(lambda: visible_on(url_b, name, info.digest, prompt))
-            (add_seen.append(seen) if seen is not None else unseen.append(name))
+            resolved = wait_until(lambda: resolvable_on(url_b, name, info.digest))
+            seen = None if resolved is None else wait_until(lambda: searchable_on(url_b, name, prompt))
+            if seen is None:
+                unseen.append(name)
+            else:
+                resolve_seen.append(resolved)
+                add_seen.append(resolved + seen)
             readers_b.known.append({"name": name, "digest": info.digest, "weights_sha256": info.weights_sha256,
                                     "prompt": prompt})
             status, _ = get(f"{url_a}/v1/adapters/{name}/aliases/prod", TOKEN, "PUT", json.dumps({"version": 1}).encode())
@@ -211,14 +226,17 @@ def run(database_url: str, s3_endpoint: str | None, adds: int, readers: int, wor
         download.join(timeout=30)
         time.sleep(2.0)
         readers_b.stop()
-        ms = [s * 1000 for s in add_seen]
-        alias_ms = [s * 1000 for s in alias_seen]
+        def summary(seconds: list[float]) -> dict:
+            ms = [s * 1000 for s in seconds]
+            return {"p50": percentile(ms, 50), "p99": percentile(ms, 99), "max": round(max(ms), 1) if ms else None}
+
         return {"adds": adds, "readers": readers, "reads_on_b": readers_b.reads, "errors": readers_b.errors,
                 "reads_on_b_after_a_was_killed": readers_b.reads - reads_before,
                 "not_seen_on_b": unseen, "problems": readers_b.problems,
-                "add_visible_on_b_ms": {"p50": percentile(ms, 50), "p99": percentile(ms, 99), "max": round(max(ms), 1) if ms else None},
-                "alias_visible_on_b_ms": {"p50": percentile(alias_ms, 50), "p99": percentile(alias_ms, 99),
-                                          "max": round(max(alias_ms), 1) if alias_ms else None},
+                "add_resolvable_on_b_ms": summary(resolve_seen),  # GET /v1/adapters/NAME@1 with its digest
+                "add_searchable_on_b_ms": summary(add_seen),  # ... and a search for its prompt returns it
+                "alias_visible_on_b_ms": summary(alias_seen),
+                "search_on_b_ms": summary(readers_b.search_seconds),  # what one search costs meanwhile
                 "replica_a_exit": replicas[0].wait(timeout=10)}
     finally:
         if readers_b is not None:
