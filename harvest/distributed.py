@@ -22,7 +22,10 @@ from harvest.train import HarvestConfig, HarvestError
 from registry.errors import RegistryError
 
 RETRIES = 3  # times Ray reruns a task whose worker died (not one that raised)
-FORWARDED = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")
+FORWARDED = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
+             # where the object store is (REGISTRY_BLOB_URL=s3://...); its credentials are not sent
+             # through Ray's job metadata: nodes bring their own (instance role, env, ~/.aws)
+             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 
 
 @dataclass
