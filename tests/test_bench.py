@@ -11,18 +11,30 @@ TINY_SFT = {"n_prompts": 4, "prompt_tokens": 8, "n_layers": 2, "hidden_tokens": 
 FAMILIES = {"arithmetic": ("add_sub", "chain_sum", "plus_words"), "counting": ("letter_count", "word_count", "digit_count")}
 
 
-@pytest.fixture(scope="module")
-def harvested(tmp_path_factory, tiny_base_dir):
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def bench_registry(request, tmp_path_factory, tiny_base_dir):
+    """(home, database URL) of a registry holding the tiny harvests of FAMILIES, on each database."""
+    from conftest import empty_postgres
     from harvest.service import harvest_task, resolve_task
     from harvest.train import HarvestConfig
+    from registry.paths import database_url
     from registry.store import Registry
 
     home = tmp_path_factory.mktemp("bench-home")
+    url = database_url(home) if request.param == "sqlite" else empty_postgres()
     config = HarvestConfig(steps=3, n_checkpoints=2, batch_size=4, rank=4, target_modules=("q_proj", "v_proj"))
-    with Registry.open(home) as reg:
+    with Registry.open(home, url) as reg:
         for names in FAMILIES.values():
             for name in names:
                 harvest_task(reg, resolve_task(name), base=str(tiny_base_dir), config=config)
+    return home, url
+
+
+@pytest.fixture
+def harvested(bench_registry, monkeypatch):
+    """The bench registry's home, with ``$REGISTRY_DATABASE_URL`` naming its database for the test."""
+    home, url = bench_registry
+    monkeypatch.setenv("REGISTRY_DATABASE_URL", url)
     return home
 
 

@@ -23,7 +23,7 @@ def registry_state(home: Path) -> tuple:
     return adapters, blobs, fetched
 
 
-def test_cli_add_list_show_search_fetch_alias_rm(cli, tiny_adapter_factory, tmp_path, registry_home):
+def test_cli_add_list_show_search_fetch_alias_rm(cli, tiny_adapter_factory, tmp_path, registry_home, database_url):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("What is 2 plus 2?\nAdd 5 and 6.\n")
     code, out, err = cli("add", tiny_adapter_factory("a"), "--name", "math", "--task", "add",
@@ -130,7 +130,8 @@ BAD_ADAPTERS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
-def test_bad_adapters_are_refused_and_nothing_is_written(case, cli, tiny_adapter_factory, tmp_path, registry_home):
+def test_bad_adapters_are_refused_and_nothing_is_written(case, cli, tiny_adapter_factory, tmp_path, registry_home,
+                                                         database_url):
     make, message = BAD_ADAPTERS[case]
     cli("add", tiny_adapter_factory("good"), "--name", "good")
     before = registry_state(registry_home)

@@ -26,7 +26,7 @@ def state(home):
 HARVEST = ["--steps", "6", "--keep", "3", "--batch-size", "4", "--rank", "4", "--targets", "q_proj,v_proj"]
 
 
-def test_harvest_user_task_stores_checkpoints(cli, tiny_base_dir, tmp_path, registry_home):
+def test_harvest_user_task_stores_checkpoints(cli, tiny_base_dir, tmp_path, registry_home, database_url):
     task = write_task(tmp_path / "doubling.jsonl")
     code, out, err = cli("harvest", "--task", task, "--base", tiny_base_dir, *HARVEST, "--json")
     assert code == 0, err
@@ -52,7 +52,7 @@ def test_harvest_user_task_stores_checkpoints(cli, tiny_base_dir, tmp_path, regi
         assert "eval/doubling/numeric" in reg.resolve("doubling@3").metrics
 
 
-def test_interrupted_harvest_resumes(tiny_base_dir, tmp_path, registry_home):
+def test_interrupted_harvest_resumes(tiny_base_dir, tmp_path, registry_home, database_url):
     from harvest.service import harvest_task, resolve_task
     from harvest.train import HarvestConfig
     from registry.store import Registry

@@ -18,6 +18,15 @@ STATUSES: list = []  # (operation, status) of every call: test_the_fuzzer_ran ch
 
 
 @pytest.fixture
+def database_url(registry_home, monkeypatch) -> str:
+    """SQLite only: the fuzzer tests the HTTP layer (the storage tests cover both databases)."""
+    registry_home.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{registry_home / 'registry.db'}"
+    monkeypatch.setenv("REGISTRY_DATABASE_URL", url)
+    return url
+
+
+@pytest.fixture
 def api_schema(reg, tiny_adapter_factory):
     from cli.serve_commands import backends
     from registry.http.app import create_app
