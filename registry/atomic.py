@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from registry import faults
+
 TEMP_PREFIX = ".tmp-"  # ``registry doctor`` and the blob store recognise partial writes by it
 
 
@@ -43,6 +45,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        faults.point("atomic_write.before_rename")  # crash tests: a torn write must never be seen
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -131,3 +131,27 @@ def test_bench_bad_input_is_one_line_and_writes_nothing(harvested, tmp_path, cli
     code, _, err = cli("bench", "--home", harvested, *args, "--out", out)
     assert code != 0 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (out / "report.json").exists()
+
+
+def test_bench_killed_while_writing_a_row_leaves_no_torn_row(harvested, tmp_path):
+    """SIGKILL between a row's temp file and its rename: no row file is half-written, and the rerun
+    completes the report (and does not count the killed row as done)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "r"
+    args = [sys.executable, "-c", "from cli.main import main; main()", "bench", "--home", str(harvested),
+            "--held-out", "add_sub", "--methods", "base", "--limit", "2", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "REGISTRY_FAULT"}
+    killed = subprocess.run(args, cwd=root, env=env | {"REGISTRY_FAULT": "atomic_write.before_rename"},
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert list((out / "rows").glob(".tmp-*")) and not list((out / "rows").glob("*.json"))
+    again = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = [json.loads(p.read_text()) for p in (out / "rows").glob("*.json")]
+    assert [r["method"] for r in rows] == ["base"] and len(rows[0]["scores"]) == 2
+    assert json.loads((out / "report.json").read_text())["rows"][0]["method"] == "base"
