@@ -54,22 +54,6 @@ def _shard(digest: str) -> str:
     return f"sha256/{digest[:2]}/{digest}"
 
 
-def _guard(lock_dir: Path, exclusive: bool):
-    """Shared: blobs put inside the block survive until it ends. Exclusive: no add is in flight.
-    A waiting deletion blocks new adds (the ``intent`` lock), so adds cannot starve it."""
-    from registry.locks import file_lock
-
-    intent, main = lock_dir / ".delete-intent.lock", lock_dir / ".adds.lock"
-    if exclusive:
-        with file_lock(intent), file_lock(main):
-            yield
-        return
-    with file_lock(intent, shared=True):
-        pass  # wait while a deletion is queued
-    with file_lock(main, shared=True):
-        yield
-
-
 class BlobStore:
     """The interface both stores implement (``Registry.blobs``)."""
 
@@ -77,8 +61,19 @@ class BlobStore:
 
     @contextlib.contextmanager
     def guard(self, *, exclusive: bool = False):
-        """Adds hold it shared from ``put`` until their row commits; deletions hold it exclusive."""
-        yield from _guard(self._lock_dir, exclusive)
+        """Adds hold it shared from ``put`` until their row commits; deletions hold it exclusive.
+        A waiting deletion blocks new adds (the ``intent`` lock), so adds cannot starve it."""
+        from registry.locks import file_lock
+
+        intent, main = self._lock_dir / ".delete-intent.lock", self._lock_dir / ".adds.lock"
+        if exclusive:
+            with file_lock(intent), file_lock(main):
+                yield
+            return
+        with file_lock(intent, shared=True):
+            pass  # wait while a deletion is queued
+        with file_lock(main, shared=True):
+            yield
 
     def put(self, data: bytes, digest: str | None = None) -> str:
         """Store ``data`` if absent and return its digest (pass ``digest`` when just hashed)."""
@@ -168,9 +163,6 @@ class LocalBlobStore(BlobStore):
     def delete_unreferenced(self, digest: str) -> bool:
         self.path(digest).unlink(missing_ok=True)
         return True
-
-    def delete(self, digest: str) -> None:
-        self.path(digest).unlink(missing_ok=True)
 
     def partial_writes(self) -> list[Path]:
         base = self.root / "sha256"
