@@ -159,6 +159,16 @@ def model_for_layout(info, build_model, check, layout, what: str):
     return model
 
 
+def check_normalizer(info, normalizer, layout) -> None:
+    """A stored normaliser must fit the layout: std (T,), mean (T,) or (T, h, w), mask (T, h, w) if any."""
+    T, h, w = layout.shape
+    mask = getattr(normalizer, "mask", None)
+    if (normalizer.std.shape != (T,) or normalizer.mean.shape not in ((T,), (T, h, w))
+            or (mask is not None and tuple(mask.shape) != (T, h, w))):
+        raise GeneratorLayoutError(f"generator {info.ref} is unusable: normaliser shapes do not match layout "
+                                   f"{layout.shape}")
+
+
 def check_peft_layout(info, layout) -> None:
     """The artifact's recorded PEFT fields (target modules, rank) agree with its layout."""
     bad = f"generator {info.ref} is unusable"

@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from generator.artifacts import (CVAE_ARTIFACT_TYPE, NORMALIZER_PREFIX, LoadedGenerator, check_peft_layout,
+from generator.artifacts import (CVAE_ARTIFACT_TYPE, NORMALIZER_PREFIX, LoadedGenerator, check_normalizer,
+                                 check_peft_layout,
                                  checked_layout, frozen, generator_peft_config, load_cached, load_prefixed,
                                  model_for_layout, resolve_any_generator)
 from generator.backend import check_base, resolve_precision, sync_device
@@ -283,9 +284,7 @@ def build_cvae(info, tensors: Mapping, device) -> LoadedGenerator:
         normalizer = TokenNormalizer(tensors[f"{NORMALIZER_PREFIX}mean"], tensors[f"{NORMALIZER_PREFIX}std"], mask)
     except KeyError as err:
         raise GeneratorLayoutError(f"{bad}: normaliser tensor {err} missing") from None
-    T, h, w = layout.shape
-    if normalizer.std.shape != (T,) or normalizer.mean.shape not in ((T,), (T, h, w)):
-        raise GeneratorLayoutError(f"{bad}: normaliser shapes do not match layout {layout.shape}")
+    check_normalizer(info, normalizer, layout)
     vectors = {k[len(TASK_VECTOR_PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(TASK_VECTOR_PREFIX)}
     if sorted(vectors) != sorted(meta.get("tasks", [])):
         raise GeneratorError(f"{bad}: stored task vectors ({', '.join(sorted(vectors))}) do not match its tasks "

@@ -17,7 +17,7 @@ from registry.precision import resolve as resolve_precision
 
 from .cvae import DEFAULT_KL_WEIGHT, LoraCVAE, cvae_loss, flat_to_state_dict, flatten_tokens
 from .tokenizer import LoraLayout, TokenNormalizer
-from .training import LayoutMismatch, TrainState, resolve_device, run_steps
+from .training import LayoutMismatch, TrainState, resolve_device, resume_optimizer, run_steps
 
 
 # -----------------------------------------------------------------------------
@@ -109,14 +109,7 @@ def train_cvae(model: LoraCVAE, dataset: CVAEDataset | Sequence[tuple[Tensor, Te
         if model.config.basis_dim:
             model.fit_basis(dataset.weights.to(device))  # (N, D)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    rng = torch.Generator().manual_seed(state.seed)
-    if state.optimizer is not None:
-        optimizer.load_state_dict(state.optimizer)
-        for group in optimizer.param_groups:  # the caller's lr and weight decay win on resume
-            group["lr"], group["weight_decay"] = lr, weight_decay
-    if state.rng is not None:
-        rng.set_state(state.rng)
+    optimizer, rng = resume_optimizer(model.parameters(), state, lr, weight_decay)
 
     def batch_loss():
         weights, cond = dataset.sample(batch_size, rng)                  # (B, D), (B, H)

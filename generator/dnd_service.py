@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from generator.artifacts import (ARTIFACT_TYPE, NORMALIZER_PREFIX, LoadedGenerator, check_peft_layout, checked_layout,
+from generator.artifacts import (ARTIFACT_TYPE, NORMALIZER_PREFIX, LoadedGenerator, check_normalizer, check_peft_layout,
+                                 checked_layout,
                                  frozen, generator_peft_config, load_cached, load_prefixed, model_for_layout,
                                  resolve_generator)
 from generator.backend import check_base, resolve_precision, sync_device
@@ -204,17 +205,13 @@ def build_dnd(info, tensors: Mapping, device) -> LoadedGenerator:
     from generator.training import check_layout
 
     meta = info.meta
-    bad = f"generator {info.ref} is unusable"
     layout = checked_layout(info, ARTIFACT_FORMAT)
     model = model_for_layout(info, lambda: DnDDecoder(DnDConfig.from_dict(meta["config"])), check_layout,
                               layout, "decoder")
     load_prefixed(model, tensors, DECODER_PREFIX, info, "decoder")
     normalizer = TokenNormalizer.from_state_dict(
         {k[len(NORMALIZER_PREFIX):]: v for k, v in tensors.items() if k.startswith(NORMALIZER_PREFIX)})
-    T, h, w = layout.shape
-    if (normalizer.std.shape != (T,) or normalizer.mean.shape not in ((T,), (T, h, w))
-            or (normalizer.mask is not None and tuple(normalizer.mask.shape) != (T, h, w))):
-        raise GeneratorLayoutError(f"{bad}: normaliser shapes do not match layout {layout.shape}")
+    check_normalizer(info, normalizer, layout)
     check_peft_layout(info, layout)
     model = frozen(model, device)
     return LoadedGenerator(ref=info.ref, sha256=info.sha256, meta=meta, model=model, layout=layout,

@@ -209,7 +209,7 @@ def train_sft(generator: SFTGenerator, model: nn.Module, tasks: Sequence[SFTTask
     ``items_per_task`` of its items. With ``recon_weight`` > 0 (objective "both"), a task with
     harvested ``targets`` also adds ``recon_weight`` x ``recon_error`` to one of them. ``state`` (``generator.training.TrainState``) resumes exactly;
     ``on_step(step, steps, loss)`` returning False stops. Returns ``(generator, state)``."""
-    from generator.training import TrainState, run_steps
+    from generator.training import TrainState, resume_optimizer, run_steps
     from registry.lm import answer_loss, collate
 
     usable = [t for t in tasks if t.examples and t.condition.shape[0]]
@@ -220,15 +220,8 @@ def train_sft(generator: SFTGenerator, model: nn.Module, tasks: Sequence[SFTTask
         param.requires_grad_(False)
     model.eval()
     generator.to(device).train()
-    optimizer = torch.optim.AdamW(generator.parameters(), lr=lr, weight_decay=0.0)
     state = state or TrainState(seed=seed)
-    rng = torch.Generator().manual_seed(state.seed)
-    if state.optimizer is not None:
-        optimizer.load_state_dict(state.optimizer)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-    if state.rng is not None:
-        rng.set_state(state.rng)
+    optimizer, rng = resume_optimizer(generator.parameters(), state, lr)
     loss_of = answer_loss(model)
     lora = FunctionalLora(model, layout, scaling)
 

@@ -167,6 +167,20 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
 
 
+def resume_optimizer(parameters, state: TrainState, lr: float, weight_decay: float = 0.0):
+    """AdamW over ``parameters`` and the sampling generator, both restored from ``state`` when it holds
+    them (the caller's lr and weight decay win on resume). Returns ``(optimizer, rng)``."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    rng = torch.Generator().manual_seed(state.seed)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+        for group in optimizer.param_groups:
+            group["lr"], group["weight_decay"] = lr, weight_decay
+    if state.rng is not None:
+        rng.set_state(state.rng)
+    return optimizer, rng
+
+
 def train_generator(model: DnDDecoder, dataset: GeneratorDataset, steps: int, lr: float = 1e-3,
                     batch_size: int = 4, device: str | torch.device | None = None,
                     on_step: Callable[[int, int, float], bool | None] | None = None,
@@ -187,15 +201,8 @@ def train_generator(model: DnDDecoder, dataset: GeneratorDataset, steps: int, lr
         raise ValueError(f"model expects {model.config.input_shape}, data gives {dataset.condition_shape}")
     device = resolve_device(device)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     state = state or TrainState(seed=seed)
-    rng = torch.Generator().manual_seed(state.seed)
-    if state.optimizer is not None:
-        optimizer.load_state_dict(state.optimizer)
-        for group in optimizer.param_groups:  # the caller's lr and weight decay win on resume
-            group["lr"], group["weight_decay"] = lr, weight_decay
-    if state.rng is not None:
-        rng.set_state(state.rng)
+    optimizer, rng = resume_optimizer(model.parameters(), state, lr, weight_decay)
     weights = dataset.loss_weights.to(device)  # (T, h, w)
 
     def batch_loss():

@@ -21,8 +21,22 @@ MULTITASK_TAG = "multitask"
 EMBEDDING_DIM = 384
 
 
+class _Versioned:
+    """What adapter and artifact records share: the ``name@version`` ref and a JSON-ready dict."""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["ref"] = self.ref
+        data["created_at"] = self.created_at.isoformat()
+        return data
+
+
 @dataclass
-class AdapterInfo:
+class AdapterInfo(_Versioned):
     """A read-only view of one adapter version, safe to use after the session closed."""
 
     id: int
@@ -51,15 +65,6 @@ class AdapterInfo:
     aliases: list[str] = field(default_factory=list)
     parents: list[dict] = field(default_factory=list)
 
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["ref"] = self.ref
-        data["created_at"] = self.created_at.isoformat()
-        return data
 
 @dataclass
 class SearchHit:
@@ -67,7 +72,7 @@ class SearchHit:
     score: float
 
 @dataclass
-class ArtifactInfo:
+class ArtifactInfo(_Versioned):
     id: int
     name: str
     version: int
@@ -78,15 +83,6 @@ class ArtifactInfo:
     created_at: datetime
     meta: dict
 
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["ref"] = self.ref
-        data["created_at"] = self.created_at.isoformat()
-        return data
 
 def adapter_info(row: Adapter, tags: list[str], parents: list[dict], aliases: list[str]) -> AdapterInfo:
     return AdapterInfo(
