@@ -6,11 +6,13 @@
 Each row trains the same LoRA recipe from the same seed on the same batches and (with ``--eval``)
 scores base and LoRA on the same test items. Rows (``--modes``):
 
-- ``before``: fp32, training with torch's SDPA attention: what the project ran before the precision
-  policy (the baseline of the performance issue);
-- ``fp32``: fp32, training with the plain attention the project's CPU harvest now uses;
+- ``before``: fp32, training with torch's SDPA attention and PEFT's own LoRA forward: what the
+  project ran before the precision policy (the baseline of the performance issue);
+- ``fp32``: fp32, training with the plain attention the project's CPU harvest now uses and the fused
+  LoRA update (``registry.lm.lean_lora_layers``);
 - ``bf16``: the bf16 policy (frozen base in bfloat16, bf16 autocast, fp32 LoRA master weights),
-  plain attention for training; ``bf16-sdpa``: the same with SDPA for training.
+  plain attention for training, fused LoRA update; ``bf16-sdpa``: the same with SDPA for training;
+  ``bf16-peft``: the same with PEFT's own LoRA forward.
 Evaluation always runs with SDPA (the project's choice for decoding), in the mode's precision.
 
 Speed figures: training tokens/s (prompt + answer tokens, no padding), median seconds per step
@@ -34,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import emit_summary  # noqa: E402
 
-MODES = {"before": ("fp32", "sdpa"), "fp32": ("fp32", "eager"), "bf16": ("bf16", "eager"),
-         "bf16-sdpa": ("bf16", "sdpa")}  # the last: what bf16 would give with torch's SDPA attention
+MODES = {"before": ("fp32", "sdpa", False), "fp32": ("fp32", "eager", True), "bf16": ("bf16", "eager", True),
+         "bf16-sdpa": ("bf16", "sdpa", True),  # what bf16 would give with torch's SDPA attention
+         "bf16-peft": ("bf16", "eager", False)}  # bf16 with PEFT's own LoRA forward (no fused update)
 
 
 def load_model(base, device, precision: str):
@@ -50,10 +53,10 @@ def run_mode(task, mode: str, args, threads: int) -> dict:
     from harvest.evaluate import evaluate
     from harvest.train import HarvestConfig, harvest
 
-    precision, attention = MODES[mode]
+    precision, attention, fused = MODES[mode]
     config = HarvestConfig(steps=args.steps, batch_size=args.batch_size,
                            n_checkpoints=min(HarvestConfig.n_checkpoints, args.steps))
-    row: dict = {"precision": precision, "attention": attention}
+    row: dict = {"precision": precision, "attention": attention, "fused_lora": fused}
 
     model, tokenizer = load_model(args.base, args.device, precision)
     cpu0 = time.process_time()
@@ -67,7 +70,7 @@ def run_mode(task, mode: str, args, threads: int) -> dict:
     stamps: list[tuple[float, float]] = []  # (wall, CPU) after each step
     t0 = time.perf_counter()
     result = harvest(task, model=model, tokenizer=tokenizer, config=config, device=args.device, threads=threads,
-                     precision=precision, attention=attention,
+                     precision=precision, attention=attention, fused_lora=fused,
                      on_step=lambda step, loss: stamps.append((time.perf_counter(), time.process_time())))
     steps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
     cpu_steps = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]

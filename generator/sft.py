@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from generator.dnd import DnDDecoder
 from generator.tokenizer import LoraLayout, token_mask, tokens_to_matrix
+from registry.lm import add_low_rank
 
 PEFT_PREFIX = "base_model.model."
 
@@ -148,10 +149,8 @@ class FunctionalLora:
             factors = self.weights.get(prefix)
             if factors is None:
                 return output
-            a, b = factors
-            x = inputs[0]  # (B, T, in)
-            delta = (x.to(a.dtype) @ a.T) @ b.T  # (B, T, out)
-            return output + (self.scaling * delta).to(output.dtype)
+            a, b = factors  # (r, in), (out, r)
+            return add_low_rank(output, inputs[0], a, b, self.scaling)  # (B, T, out)
         return add_lora
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from harvest.tasks import Example, Task
-from registry.lm import collate, encode_example  # shared with the generators' SFT objective
+from registry.lm import collate, encode_example, lean_lora_layers  # shared with the generators' SFT objective
 from registry.errors import RegistryError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -368,6 +368,7 @@ def harvest(
     tokenizer=None,
     precision: str | None = None,
     attention: str | None = None,
+    fused_lora: bool = True,
 ) -> HarvestResult:
     """Fine-tune a LoRA on ``task``'s train split and return the final adapter.
 
@@ -375,7 +376,8 @@ def harvest(
     instead to train on an already loaded, unwrapped model (it gets LoRA layers injected and, in
     bf16, its frozen weights cast to bfloat16). ``precision`` is ``auto``/``fp32``/``bf16``
     (``registry.precision``; None: auto). ``attention`` is the transformers attention kernel to
-    train with (None: ``eager`` on CPU, the model's own elsewhere).
+    train with (None: ``eager`` on CPU, the model's own elsewhere). ``fused_lora`` adds each LoRA
+    update with one ``addmm`` (``registry.lm.lean_lora_layers``; False: PEFT's own forward, the same math).
     With ``work_dir`` the run is resumable (see module docstring); on success the state files are
     removed unless ``keep_work_dir``.
     """
@@ -428,6 +430,8 @@ def harvest(
     for param in model.parameters():
         param.requires_grad_(False)
     peft_model = get_peft_model(model, lora_config(config, base_id))  # LoRA weights in fp32 (PEFT's default)
+    if fused_lora:
+        lean_lora_layers(peft_model)  # same math, a fused update per layer (registry.lm.add_low_rank)
     named = sorted((n, p) for n, p in peft_model.named_parameters() if p.requires_grad)
     params = [p for _, p in named]
     for param in params:  # fp32 master weights whatever the base's storage dtype

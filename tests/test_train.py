@@ -208,3 +208,49 @@ def test_lr_schedule_is_transformers_cosine_with_min_lr_read_at_the_update_numbe
     assert [lr_at(k, config) for k in range(1, config.steps + 1)] == \
         pytest.approx([config.lr * factor(k) for k in range(1, config.steps + 1)], rel=1e-12, abs=0)
     assert optimizer.param_groups[0]["lr"] == 0.0 and lr_at(1, config) == pytest.approx(2e-4)  # why not LambdaLR
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lean_lora_layers_match_peft_forward_and_gradients(tiny_base_dir, dropout):
+    """The fused update (registry.lm.lean_lora_layers) computes what PEFT's LoRA forward does, with the
+    same gradients on A and B; merged or disabled adapters still go through PEFT's own forward."""
+    from peft import LoraConfig, get_peft_model
+
+    from registry.base_models import load_base
+    from registry.lm import lean_lora_layers
+
+    def build():
+        model, _ = load_base(str(tiny_base_dir), cached=False)
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                      target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+        with torch.no_grad():  # B starts at zero in PEFT: give it values so the update is not trivially 0
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.2)
+        return peft_model
+
+    ids = torch.randint(0, 100, (3, 9))
+    outputs, grads = [], []
+    for lean in (False, True):
+        peft_model = build()
+        if lean:
+            assert lean_lora_layers(peft_model) == 2 * 4  # 2 layers x 4 targets
+        torch.manual_seed(1)  # same dropout masks
+        peft_model.train()
+        logits = peft_model(input_ids=ids).logits
+        logits.square().mean().backward()
+        outputs.append(logits.detach())
+        grads.append({n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    assert sorted(grads[1]) == sorted(grads[0]) and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+    peft_model.eval()
+    with torch.no_grad():
+        before = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(input_ids=ids).logits
+        assert not torch.allclose(plain, before)
+        peft_model.merge_adapter()
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-5)
