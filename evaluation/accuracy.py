@@ -8,6 +8,7 @@ import time
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any, Sequence
 
+from harvest.evaluate import DEFAULT_EVAL_BATCH
 from retrieval.pool import PoolCache, RetrievalError, check_k, check_match, pool_kinds, query_texts, retrieve_vector
 from retrieval.routing_service import generate_routed, model_base_id, plan_pool, route_plan
 
@@ -25,7 +26,7 @@ def _interleave(tasks, n_per_task: int) -> list[tuple[Any, Any]]:
 
 
 def routed_accuracy(reg: "Registry", tasks: Sequence[Any], n_per_task: int = 10, k: int = 1, *,
-                    base: str | None = None, model=None, tokenizer=None, batch_size: int = 16,
+                    base: str | None = None, model=None, tokenizer=None, batch_size: int = DEFAULT_EVAL_BATCH,
                     exclude_own: bool = False, weights_mode: str = "uniform", temperature: float = 1.0,
                     kind: str | Sequence[str] | None = None, one_per_task: bool = False,
                     max_new_tokens: int | None = None, one_by_one: bool = True, with_base: bool = False,

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harvest.evaluate import DEFAULT_EVAL_BATCH
 from evaluation.protocols import PROTOCOLS, Split, custom_split, families_split, spread, variants_split
 from evaluation.report import MethodResult, write_report
 
@@ -63,7 +64,7 @@ class BenchSettings:
     sft_options: dict = field(default_factory=dict)   # SFT decoder / training options (tests use tiny ones)
     training_mean_max: int | None = 8
     best_other_max: int = 12
-    batch_size: int = 32
+    batch_size: int = DEFAULT_EVAL_BATCH  # decoding batch; in bf16 it can move a greedy answer, so rows key on it
     seed: int = 0
 
 
@@ -318,7 +319,7 @@ def _row(reg, out: Path, method: str, task, split: Split, context: _SplitContext
                   pool=context.pool if method in (*RETRIEVAL_METHODS, "best_other", "training_mean") else None,
                   generator=context.generators.get(arch) if arch else None,
                   multitask=context.multitask_ref if method == "multitask" else None,
-                  caps=(settings.best_other_max, settings.training_mean_max))
+                  caps=(settings.best_other_max, settings.training_mean_max), batch=settings.batch_size)
     path = _row_path(out, task.name, method, key)
     cached = _load_row(path)
     if cached is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harvest.tasks import Task, TaskError, make_task
+from harvest.evaluate import DEFAULT_EVAL_BATCH
 from harvest.train import HarvestConfig, peft_config_dict
 from registry.records import MULTITASK_TAG  # the tag the generators' training sets and the bench skip
 
@@ -242,7 +243,7 @@ def _harvest_recipe(reg, task_names: Sequence[str]) -> dict | None:
 
 
 def evaluate_stored(reg, task: Task, ref: str | None = None, *, base: str | None = None,
-                    limit: int | None = None, batch_size: int = 16, device: str | None = None,
+                    limit: int | None = None, batch_size: int = DEFAULT_EVAL_BATCH, device: str | None = None,
                     precision: str | None = None):
     """Evaluate an adapter from the registry (or the base alone) on ``task``'s test split.
 

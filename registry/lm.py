@@ -100,7 +100,7 @@ def lean_lora_layers(peft_model) -> int:
     Only layers whose every adapter is vanilla LoRA (no DoRA or other variant) change, and the new
     forward falls back to PEFT's own for anything else it supports (disabled or merged adapters,
     mixed-batch ``adapter_names``). The weights, their names and the saved adapters are PEFT's.
-    Returns how many layers changed."""
+    Returns the model."""
     import types
 
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -115,9 +115,22 @@ def lean_lora_layers(peft_model) -> int:
                                       self.lora_B[name].weight, self.scaling[name])
         return result
 
-    changed = 0
     for module in peft_model.modules():
         if type(module) is LoraLinear and not getattr(module, "lora_variant", None):
             module.forward = types.MethodType(forward, module)
-            changed += 1
-    return changed
+    return peft_model
+
+
+def contiguous_head_input(model):
+    """Make the LM head's input contiguous before the projection (idempotent; returns ``model``).
+
+    Generation computes the prompt's logits on ``hidden[:, -1:, :]``, a strided view when the batch
+    has more than one row, and torch 2.13's CPU ``linear`` then takes a batched path that copies the
+    (vocab x hidden) weight once per row: (64, 1, 576) x (49152, 576) in bf16 took 11.8 s strided and
+    14 ms contiguous on one thread (16 rows: 2.2 s), once per decoded batch.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and not getattr(head, "_registry_contiguous_input", False):
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+        head._registry_contiguous_input = True
+    return model

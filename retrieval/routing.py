@@ -26,6 +26,7 @@ from typing import Iterator, Mapping, Sequence, Union
 import torch
 
 from registry.errors import RegistryError
+from registry.lm import contiguous_head_input
 from retrieval.compose import LoraAdapter, load_adapter_dir
 
 PEFT_PREFIX = "base_model.model."
@@ -210,6 +211,7 @@ def route_generate_ids(model: torch.nn.Module, adapters: LoraPool | Mapping[str,
         raise RoutingError(f"{input_ids.shape[0]} items but {len(routing)} routes")
     if attention_mask[:, -1].min() == 0:
         raise RoutingError("generation needs left padding (attention_mask ends with 0 for some item)")
+    contiguous_head_input(model)
     with routed_lora(model, pool, routing):
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                 do_sample=False, num_beams=1, eos_token_id=eos_token_id,

@@ -235,7 +235,8 @@ def test_lean_lora_layers_match_peft_forward_and_gradients(tiny_base_dir, dropou
     for lean in (False, True):
         peft_model = build()
         if lean:
-            assert lean_lora_layers(peft_model) == 2 * 4  # 2 layers x 4 targets
+            assert lean_lora_layers(peft_model) is peft_model
+            assert sum("forward" in vars(m) for m in peft_model.modules()) == 2 * 4  # 2 layers x 4 targets
         torch.manual_seed(1)  # same dropout masks
         peft_model.train()
         logits = peft_model(input_ids=ids).logits
@@ -254,3 +255,17 @@ def test_lean_lora_layers_match_peft_forward_and_gradients(tiny_base_dir, dropou
         assert not torch.allclose(plain, before)
         peft_model.merge_adapter()
         torch.testing.assert_close(peft_model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-5)
+
+
+def test_contiguous_head_input_keeps_logits_and_is_idempotent(tiny_base_dir):
+    """The LM head's pre-hook (registry.lm.contiguous_head_input) changes no number, registers once."""
+    from registry.base_models import load_base
+    from registry.lm import contiguous_head_input
+
+    model, _ = load_base(str(tiny_base_dir), cached=False)
+    hidden = torch.randn(4, 7, model.config.hidden_size)[:, -1:, :]  # strided, as generation slices it
+    head = model.get_output_embeddings()
+    before = head(hidden)
+    assert contiguous_head_input(contiguous_head_input(model)) is model
+    assert len(head._forward_pre_hooks) == 1
+    torch.testing.assert_close(head(hidden), before)
