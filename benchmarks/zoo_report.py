@@ -83,12 +83,10 @@ def main() -> None:
 
 
 def _cached_base(reg, task):
-    from registry import base_models
+    from harvest.service import base_eval_path
 
-    path = reg.home / "evals" / "base" / base_models.base_fingerprint(base_models.load_base_config(None))[:16] / f"{task.name}.json"
-    if path.exists():
-        return json.loads(path.read_text())["accuracy"]
-    return None
+    path = base_eval_path(reg, task.name)
+    return json.loads(path.read_text())["accuracy"] if path.exists() else None
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ def bench(
     sft_steps: Annotated[Optional[int], typer.Option("--sft-steps", help="Steps of the DnD decoder trained through the base (sft).")] = None,
     training_mean_max: Annotated[Optional[int], typer.Option("--training-mean-max", help="Training adapters averaged for training_mean (spread evenly).")] = None,
     best_other_max: Annotated[Optional[int], typer.Option("--best-other-max", help="Training adapters tried for best_other (family first, then nearest).")] = None,
+    multitask_steps: Annotated[Optional[int], typer.Option("--multitask-steps", help="Steps of the multitask LoRA (default: one harvest's, from the training tasks' recipe).")] = None,
+    min_gain: Annotated[float, typer.Option("--min-gain", help="Hold out only tasks whose own stored harvest beats the base by this much (benchmarks/zoo_report.py stores the evaluations).")] = 0.15,
     n_prompts: Annotated[int, typer.Option("--n-prompts", help="Train prompts given to the generators and used as the retrieval query.")] = 32,
     k: Annotated[int, typer.Option("-k", help="Adapters retrieved and composed per task.")] = 3,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated bench tasks, zoo names or .jsonl files (default: every finished zoo harvest); pins a rerun to the same zoo.")] = None,
@@ -70,13 +72,13 @@ def bench(
                              protocols=[p.strip() for p in protocols.split(",") if p.strip()],
                              variants=variants, families=families, members_per_family=members,
                              methods=methods.split(",") if methods else list(DEFAULT_METHODS), k=k,
-                             tasks=tasks.split(",") if tasks else None, n_prompts=n_prompts)
+                             tasks=tasks.split(",") if tasks else None, n_prompts=n_prompts, min_gain=min_gain)
     if quick:
         settings.variants, settings.families, settings.members_per_family = 2, 1, 2
         settings.limit, settings.generator_steps, settings.cvae_steps, settings.sft_steps = 30, 150, 50, 100
         settings.training_mean_max, settings.best_other_max = 4, 4
     for name, value in (("limit", limit), ("generator_steps", generator_steps), ("cvae_steps", cvae_steps),
-                        ("sft_steps", sft_steps),
+                        ("sft_steps", sft_steps), ("multitask_steps", multitask_steps),
                         ("training_mean_max", training_mean_max), ("best_other_max", best_other_max)):
         if value is not None:
             setattr(settings, name, value)

@@ -64,6 +64,8 @@ class BenchSettings:
     sft_options: dict = field(default_factory=dict)   # SFT decoder / training options (tests use tiny ones)
     training_mean_max: int | None = 8
     best_other_max: int = 12
+    min_gain: float = 0.15             # a task is "learnable" (may be held out) when its harvest beats the base by this
+    multitask_steps: int | None = None  # the multitask LoRA's step budget (None: one harvest's, from the recipe)
     batch_size: int = DEFAULT_EVAL_BATCH  # decoding batch; in bf16 it can move a greedy answer, so rows key on it
     seed: int = 0
 
@@ -197,6 +199,7 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
                                 f"retrieval need {settings.n_prompts} prompts (--n-prompts)")
 
     families = {name: _family(task) for name, task in tasks.items()}
+    learnable, notes = _learnable(reg, tasks, finished, settings.min_gain)
     if held_names:
         splits = [custom_split(list(tasks), held_names)]
     else:
@@ -204,8 +207,8 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
         if bad:
             raise RegistryError(f"unknown protocol(s): {', '.join(bad)} (use {', '.join(PROTOCOLS)})")
         try:
-            splits = [variants_split(families, settings.variants) if p == "variants" else
-                      families_split(families, settings.families, settings.members_per_family)
+            splits = [variants_split(families, settings.variants, learnable) if p == "variants" else
+                      families_split(families, settings.families, settings.members_per_family, learnable)
                       for p in settings.protocols]
         except ValueError as exc:
             raise RegistryError(f"{exc} (harvest more zoo tasks or pass --held-out)") from None
@@ -213,7 +216,6 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
     total = sum(len(s.held_out) for s in splits) * len(settings.methods)
     done = 0
     results: list[MethodResult] = []
-    notes: list[str] = []
     for split in splits:
         context = _prepare_split(reg, split, settings, finished, tasks, on_status)
         notes += context.notes
@@ -227,6 +229,22 @@ def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str]
                     on_progress(done, total)
     return write_report(results, out, "Generated vs retrieved vs trained adapters on held-out tasks",
                         asdict(settings) | {"splits": [s.to_dict() for s in splits]}, notes)
+
+
+def _learnable(reg, tasks: dict, finished: list[str], min_gain: float) -> tuple[set[str] | None, list[str]]:
+    """The bench tasks whose stored harvest gain (``harvest.service.stored_gain``) is at least
+    ``min_gain``, and a note saying so; None (any task may be held out) when none was evaluated."""
+    from harvest.service import stored_gain
+
+    gains = {name: stored_gain(reg, task) for name, task in tasks.items() if name in finished}
+    known = {name: gain for name, gain in gains.items() if gain is not None}
+    if not known:
+        return None, ["held-out tasks chosen among all bench tasks: no stored evaluation says which ones their "
+                      "own LoRA learns (run benchmarks/zoo_report.py first)"]
+    learnable = {name for name, gain in known.items() if gain >= min_gain}
+    return learnable, [f"held-out candidates: the {len(learnable)} of {len(gains)} harvested bench tasks whose final "
+                       f"LoRA beats the base by at least {min_gain:.2f} (stored evaluations; "
+                       f"{len(gains) - len(known)} never evaluated count as not learnable)"]
 
 
 def _is_zoo(name: str) -> bool:
@@ -257,12 +275,14 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
 
         members = [tasks[t] if t in tasks else resolve_task(t) for t in training]
         on_status(f"{label}: multitask LoRA on {len(members)} tasks")
-        summary = harvest_multitask(reg, members, on_step=lambda s, loss: on_status(f"{label}: multitask step {s}"))
+        summary = harvest_multitask(reg, members, steps=settings.multitask_steps,
+                                    on_step=lambda s, loss: on_status(f"{label}: multitask step {s}"))
         context.multitask_ref = summary.refs[-1]
         recipe = reg.resolve(context.multitask_ref).recipe
         context.notes.append(f"[{label}] multitask LoRA {context.multitask_ref}: {recipe['config']['steps']} steps, "
-                             f"rank {recipe['config']['rank']} (the training tasks' harvest recipe), on the union of "
-                             "their train items")
+                             f"rank {recipe['config']['rank']} (the training tasks' harvest recipe"
+                             + (f", {settings.multitask_steps} steps" if settings.multitask_steps else "")
+                             + "), on the union of their train items")
     for arch in GENERATORS:
         if _wants(wanted, arch):
             context.generators[arch] = _train_generator(reg, arch, split, training, settings, on_status,

@@ -5,6 +5,8 @@ picks), so two runs on the same zoo hold out the same tasks.
 
 - ``variants``: unseen *members of seen families*: from each of ``n`` families (spread over the
   families that have at least 3 bench tasks) one member is held out; every other task trains.
+  Both protocols hold out only *learnable* tasks when the caller knows which they are (their own
+  harvested LoRA beats the base by a margin, from stored evaluations).
   DnD's own protocol: the held-out dataset shares its domain and format with training datasets.
 - ``families``: *whole families* held out: ``n`` families (spread), up to ``members`` of each
   evaluated; no task of a held-out family trains.
@@ -46,25 +48,39 @@ def _members(families: dict[str, str | None]) -> dict[str, list[str]]:
     return out
 
 
-def variants_split(families: dict[str, str | None], n: int) -> Split:
-    """One unseen member from each of ``n`` families with at least 3 bench tasks."""
+def _candidates(tasks: list[str], learnable: set[str] | None) -> list[str]:
+    """The tasks worth holding out: those whose own LoRA learns them (all when that is unknown)."""
+    return list(tasks) if learnable is None else [t for t in tasks if t in learnable]
+
+
+def variants_split(families: dict[str, str | None], n: int, learnable: set[str] | None = None) -> Split:
+    """One unseen member from each of ``n`` families with at least 3 bench tasks.
+
+    With ``learnable`` (tasks whose own harvest beats the base by a margin), only those are held out
+    and families without one are passed over: a held-out task its own LoRA cannot learn has no gain
+    to transfer, so every method ties at the base there and the split measures nothing."""
     members = _members(families)
-    eligible = [f for f in sorted(members) if len(members[f]) >= 3]
+    eligible = [f for f in sorted(members) if len(members[f]) >= 3 and _candidates(members[f], learnable)]
     if not eligible:
-        raise ValueError("the variants protocol needs a family with at least 3 harvested tasks")
-    held = [spread(members[f], 1)[0] for f in spread(eligible, n)]
+        raise ValueError("the variants protocol needs a family with at least 3 harvested tasks"
+                         + (", one of them learnable" if learnable is not None else ""))
+    held = [spread(_candidates(members[f], learnable), 1)[0] for f in spread(eligible, n)]
     return Split("variants", tuple(held), tuple(t for t in sorted(families) if t not in held))
 
 
-def families_split(families: dict[str, str | None], n: int, members_per_family: int | None = 3) -> Split:
+def families_split(families: dict[str, str | None], n: int, members_per_family: int | None = 3,
+                   learnable: set[str] | None = None) -> Split:
     """``n`` whole families held out (spread over families with at least 2 bench tasks); up to
-    ``members_per_family`` of each evaluated."""
+    ``members_per_family`` of each evaluated (with ``learnable``: among its learnable members, and
+    only families that have one are held out)."""
     members = _members(families)
     eligible = [f for f in sorted(members) if len(members[f]) >= 2]
     if len(eligible) < 2:
         raise ValueError("the families protocol needs at least 2 families with 2 or more harvested tasks")
-    held_families = spread(eligible, min(n, len(eligible) - 1))  # at least one family stays for training
-    held = [t for f in held_families for t in spread(members[f], members_per_family)]
+    candidates = [f for f in eligible if _candidates(members[f], learnable)] or eligible
+    held_families = spread(candidates, min(n, len(eligible) - 1))  # at least one family stays for training
+    held = [t for f in held_families for t in spread(_candidates(members[f], learnable) or members[f],
+                                                     members_per_family)]
     training = [t for t in sorted(families) if families[t] not in held_families]
     return Split("families", tuple(held), tuple(training), tuple(held_families))
 

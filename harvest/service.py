@@ -15,6 +15,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,12 +216,15 @@ def multitask_task(tasks: Sequence[Task]) -> Task:
 
 
 def harvest_multitask(reg, tasks: Sequence[Task], *, base: str | None = None, config: HarvestConfig | None = None,
-                      on_step=None, device: str | None = None, precision: str | None = None) -> HarvestSummary:
+                      steps: int | None = None, on_step=None, device: str | None = None,
+                      precision: str | None = None) -> HarvestSummary:
     """The multi-task LoRA baseline (Text-to-LoRA's): one LoRA with a harvest's rank, targets and
     step budget, trained on the union of ``tasks``' train items. Stored as kind ``harvested``,
     tagged ``multitask``, with its member tasks in the recipe (``multitask_tasks``); resumable and
     skipped when done, like any harvest. ``config`` None: the recipe (and base, precision) of the
-    member tasks' harvests, so it matches the adapters it is compared with."""
+    member tasks' harvests, so it matches the adapters it is compared with. ``steps`` overrides the
+    step budget (a union of many tasks wants more than one task's harvest: the checkpoints and
+    warm-up follow the recipe's rules for the new length)."""
     union = multitask_task(tasks)
     if config is None:
         recipe = _harvest_recipe(reg, [t.name for t in tasks])
@@ -228,6 +232,8 @@ def harvest_multitask(reg, tasks: Sequence[Task], *, base: str | None = None, co
             config = HarvestConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in recipe["config"].items()})
             base = base or recipe.get("base")
             precision = precision or recipe.get("precision")
+    if steps is not None:
+        config = dataclasses.replace(config or HarvestConfig(), steps=steps)
     return harvest_task(reg, union, base=base, config=config, on_step=on_step, device=device, precision=precision,
                         tags=("harvest", MULTITASK_TAG),
                         recipe_extra={"multitask_tasks": sorted(t.name for t in tasks)})
@@ -240,6 +246,28 @@ def _harvest_recipe(reg, task_names: Sequence[str]) -> dict | None:
             if "config" in info.recipe:
                 return info.recipe
     return None
+
+
+def base_eval_path(reg, task_name: str, base: str | None = None) -> Path:
+    """Where ``evaluate_stored`` keeps a base-only result: ``<home>/evals/base/<base fingerprint>/<task>.json``."""
+    from registry import base_models
+
+    fingerprint = base_models.base_fingerprint(base_models.load_base_config(base))[:16]
+    return reg.home / "evals" / "base" / fingerprint / f"{task_name}.json"
+
+
+def stored_gain(reg, task: Task, base: str | None = None) -> float | None:
+    """The task's final harvested adapter's stored accuracy minus the base's (both from
+    ``evaluate_stored``, e.g. by ``benchmarks/zoo_report.py``); None when either was never evaluated.
+    ``base`` None: the base the adapter was harvested on."""
+    kept = reg.list_adapters(kind="harvested", task=task.name)
+    final = kept[-1].metrics.get(f"eval/{task.name}/{task.metric}") if kept else None
+    if final is None:
+        return None
+    path = base_eval_path(reg, task.name, base or kept[-1].base_model)
+    if not path.exists():
+        return None
+    return float(final) - float(json.loads(path.read_text())["accuracy"])
 
 
 def evaluate_stored(reg, task: Task, ref: str | None = None, *, base: str | None = None,
@@ -256,8 +284,7 @@ def evaluate_stored(reg, task: Task, ref: str | None = None, *, base: str | None
 
     if ref is None:
         result = evaluate(task, base=base, limit=limit, batch_size=batch_size, device=device, precision=precision)
-        config = base_models.load_base_config(base)
-        out = reg.home / "evals" / "base" / base_models.base_fingerprint(config)[:16] / f"{task.name}.json"
+        out = base_eval_path(reg, task.name, base)
         out.parent.mkdir(parents=True, exist_ok=True)
         summary = {k: v for k, v in result.to_dict().items() if k != "predictions"}
         out.write_text(json.dumps(summary | {"base": base_models.base_model_id(base)}, indent=2))

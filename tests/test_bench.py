@@ -155,3 +155,25 @@ def test_bench_killed_while_writing_a_row_leaves_no_torn_row(harvested, tmp_path
     rows = [json.loads(p.read_text()) for p in (out / "rows").glob("*.json")]
     assert [r["method"] for r in rows] == ["base"] and len(rows[0]["scores"]) == 2
     assert json.loads((out / "report.json").read_text())["rows"][0]["method"] == "base"
+
+
+def test_held_out_candidates_come_from_stored_evaluations(reg, tiny_base_dir, tiny_adapter_factory):
+    """With stored base and final-adapter evaluations, only tasks whose harvest gains min_gain may be held out;
+    a task never evaluated counts as not learnable; a bench with no evaluation at all may hold out any task."""
+    from evaluation.compare import _learnable
+    from harvest.service import base_eval_path, resolve_task, stored_gain
+
+    tasks = {n: resolve_task(n) for names in FAMILIES.values() for n in names}
+    for name in tasks:
+        reg.add_directory(tiny_adapter_factory(name), name=name, kind="harvested", base=str(tiny_base_dir), task=name)
+    assert _learnable(reg, tasks, list(tasks), 0.15)[0] is None
+    for name, (base, final) in {"add_sub": (0.1, 0.6), "chain_sum": (0.2, 0.25), "word_count": (0.0, 0.5)}.items():
+        path = base_eval_path(reg, name, str(tiny_base_dir))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"accuracy": base}))
+        reg.update_metrics(f"{name}@1", {f"eval/{name}/{tasks[name].metric}": final})
+    assert stored_gain(reg, tasks["add_sub"]) == pytest.approx(0.5)
+    assert stored_gain(reg, tasks["plus_words"]) is None
+    learnable, notes = _learnable(reg, tasks, list(tasks), 0.15)
+    assert learnable == {"add_sub", "word_count"}
+    assert "2 of 6" in notes[0] and "3 never evaluated" in notes[0]
