@@ -55,6 +55,7 @@ def bench(
     sft_steps: Annotated[Optional[int], typer.Option("--sft-steps", help="Steps of the DnD decoder trained through the base (sft).")] = None,
     training_mean_max: Annotated[Optional[int], typer.Option("--training-mean-max", help="Training adapters averaged for training_mean (spread evenly).")] = None,
     best_other_max: Annotated[Optional[int], typer.Option("--best-other-max", help="Training adapters tried for best_other (family first, then nearest).")] = None,
+    sft_contrast: Annotated[Optional[float], typer.Option("--sft-contrast", help="Weight of the SFT generator's condition-sensitivity hinge (train-generator --contrast-weight; default 0).")] = None,
     multitask_steps: Annotated[Optional[int], typer.Option("--multitask-steps", help="Steps of the multitask LoRA (default: one harvest's, from the training tasks' recipe).")] = None,
     min_gain: Annotated[float, typer.Option("--min-gain", help="Hold out only tasks whose own stored harvest beats the base by this much (benchmarks/zoo_report.py stores the evaluations).")] = 0.15,
     n_prompts: Annotated[int, typer.Option("--n-prompts", help="Train prompts given to the generators and used as the retrieval query.")] = 32,
@@ -67,6 +68,7 @@ def bench(
     """Compare base, oracle, multitask, best other LoRA, retrieval+composition and both generators (with
     controls) on held-out tasks, per protocol."""
     from evaluation.compare import DEFAULT_METHODS, BenchSettings
+    from registry.errors import RegistryError
 
     settings = BenchSettings(held_out=held_out.split(",") if held_out else None,
                              protocols=[p.strip() for p in protocols.split(",") if p.strip()],
@@ -82,6 +84,10 @@ def bench(
                         ("training_mean_max", training_mean_max), ("best_other_max", best_other_max)):
         if value is not None:
             setattr(settings, name, value)
+    if sft_contrast is not None:
+        if sft_contrast < 0:
+            raise RegistryError("--sft-contrast must be >= 0")
+        settings.sft_options["contrast_weight"] = sft_contrast
     with open_registry(home) as reg:
         paths = _run(reg, settings, out)
     _print_report(paths, json_output)

@@ -33,6 +33,7 @@ def train_generator(
     arch: Annotated[str, typer.Option(help="Generator architecture: dnd (Drag-and-Drop) or cvae (ICM-LoRA).")] = "dnd",
     objective: Annotated[str, typer.Option(help="dnd: recon (regress harvested weights), sft (train through the base model on the tasks' answers) or both (sft + reconstruction as a regulariser).")] = "recon",
     recon_weight: Annotated[Optional[float], typer.Option("--recon-weight", help="both: weight of the reconstruction term (default 0.1).")] = None,
+    contrast_weight: Annotated[Optional[float], typer.Option("--contrast-weight", help="sft/both: weight of the condition-sensitivity hinge (each task's items must score better under its own generated LoRA than under another task's; default 0: off).")] = None,
     anchor: Annotated[str, typer.Option(help="sft: the adapter the generated LoRA starts from: multitask (trained on the same tasks first if missing), none (random A, B = 0) or a REF.")] = "multitask",
     items_per_task: Annotated[int, typer.Option("--items-per-task", help="sft: train items per task per step.")] = 4,
     steps: Annotated[int, typer.Option(help="Training steps (a rerun with more steps continues).")] = 2000,
@@ -75,6 +76,8 @@ def train_generator(
     given = {k: v for k, v in given.items() if v is not None}
     if recon_weight is not None and objective != "both":
         raise RegistryError("--recon-weight applies to --objective both only")
+    if contrast_weight is not None and objective not in ("sft", "both"):
+        raise RegistryError("--contrast-weight applies to --objective sft or both only")
     if arch == "cvae":
         options = {**given, "seed": seed, "save_every": save_every, "base_model": base_model}
     elif objective in ("sft", "both"):
@@ -85,6 +88,8 @@ def train_generator(
                        items_per_task=items_per_task)
         if recon_weight is not None:
             options["recon_weight"] = recon_weight
+        if contrast_weight is not None:
+            options["contrast_weight"] = contrast_weight
     else:
         if given:
             raise RegistryError(f"{', '.join(CVAE_CLI_OPTIONS[k] for k in given)} only apply to --arch cvae")

@@ -39,6 +39,8 @@ from generator.dnd import DnDDecoder
 from generator.tokenizer import LoraLayout, token_mask, tokens_to_matrix
 from registry.lm import add_low_rank
 
+DEFAULT_CONTRAST_MARGIN = 0.1  # nats per answer token (the hinge of the condition-sensitivity term)
+
 PEFT_PREFIX = "base_model.model."
 
 
@@ -90,6 +92,14 @@ def random_a_anchor(layout: LoraLayout, seed: int = 0) -> Tensor:
         a = (torch.rand(m.rank, m.in_features, generator=generator) * 2 - 1) * bound  # (r, in)
         grid[m.a_start:m.a_start + m.a_tokens] = matrix_to_tokens(a, layout.chunk_width, layout.token_height)
     return grid
+
+
+def contrast_hinge(own_loss: Tensor, other_loss: Tensor, margin: float) -> Tensor:
+    """``relu(margin + own - other)``: zero once a task's items score at least ``margin`` nats better
+    under the LoRA generated from its own prompts than under another task's. A decoder that ignores
+    its condition (every task gets the same adapter: own == other) pays ``margin`` per pair, so this
+    term is what the bench's controls check, put into training."""
+    return torch.relu(margin + own_loss - other_loss)
 
 
 def recon_error(generated: Tensor, target: Tensor, scale: Tensor, mask: Tensor) -> Tensor:
@@ -200,13 +210,17 @@ def train_sft(generator: SFTGenerator, model: nn.Module, tasks: Sequence[SFTTask
               steps: int, scaling: float, pad_id: int, lr: float = 1e-3, tasks_per_step: int = 2,
               items_per_task: int = 4, grad_clip: float | None = 1.0, state=None, seed: int = 0,
               device: str | torch.device = "cpu", precision: str = "fp32", recon_weight: float = 0.0,
+              contrast_weight: float = 0.0, contrast_margin: float = DEFAULT_CONTRAST_MARGIN,
               on_step: Callable[[int, int, float], bool | None] | None = None):
     """Train ``generator`` (decoder + head gate) until ``state.step == steps`` so that the LoRA generated
     from a task's prompts lowers the frozen ``model``'s answer loss on that task's items.
 
     Each step draws ``tasks_per_step`` tasks; each gets its own generated LoRA and a batch of
     ``items_per_task`` of its items. With ``recon_weight`` > 0 (objective "both"), a task with
-    harvested ``targets`` also adds ``recon_weight`` x ``recon_error`` to one of them. ``state`` (``generator.training.TrainState``) resumes exactly;
+    harvested ``targets`` also adds ``recon_weight`` x ``recon_error`` to one of them. With
+    ``contrast_weight`` > 0 each drawn task's items are also scored under the next drawn task's
+    generated LoRA and ``contrast_weight x contrast_hinge`` is added: the condition must matter
+    (see :func:`contrast_hinge`). ``state`` (``generator.training.TrainState``) resumes exactly;
     ``on_step(step, steps, loss)`` returning False stops. Returns ``(generator, state)``."""
     from generator.training import TrainState, resume_optimizer, run_steps
     from registry.lm import answer_loss, collate
@@ -227,18 +241,25 @@ def train_sft(generator: SFTGenerator, model: nn.Module, tasks: Sequence[SFTTask
     def batch_loss():
         chosen = torch.randperm(len(usable), generator=rng)[:tasks_per_step]
         total = 0.0
+        drawn = []  # (batch, generated weights, own loss) per chosen task
         for index in chosen:
             task = usable[int(index)]
             condition = draw_condition(task, generator.config.n_prompts, rng).to(device)  # (N, L, C)
             batch = [t.to(device) for t in collate(draw_examples(task, items_per_task, rng), pad_id)]
             generated = generator(condition[None])[0]                                   # (T, h, w)
             lora.weights = lora_factors(generated, layout)
-            total = total + loss_of(*batch) / len(chosen)
+            own = loss_of(*batch)
+            total = total + own / len(chosen)
+            drawn.append((batch, generated, own))
             if recon_weight and task.targets is not None and len(task.targets):
                 pick = int(torch.randint(len(task.targets), (1,), generator=rng))
                 target = task.targets[pick].to(device)                                   # (T, h, w)
                 error = recon_error(generated, target, generator.head.scale, generator.head.mask)
                 total = total + recon_weight * error / len(chosen)
+        if contrast_weight and len(drawn) > 1:
+            for i, (batch, _, own) in enumerate(drawn):
+                lora.weights = lora_factors(drawn[(i + 1) % len(drawn)][1], layout)  # the next task's LoRA
+                total = total + contrast_weight * contrast_hinge(own, loss_of(*batch), contrast_margin) / len(drawn)
         return total
 
     try:

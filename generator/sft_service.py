@@ -62,13 +62,15 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
                   on_status: Callable[[str], None] | None = None, task_items: Mapping | None = None,
                   anchor: str | None = None, items_per_task: int = DEFAULT_ITEMS_PER_TASK, max_length: int = 160,
                   seed: int = 0, save_every: int = 50, grad_clip: float = 1.0, precision: str | None = None,
-                  base_model: str | None = None, recon_weight: float = 0.0, **decoder_options):
+                  base_model: str | None = None, recon_weight: float = 0.0, contrast_weight: float = 0.0,
+                  **decoder_options):
     """Train the DnD decoder through the frozen base (``generator.sft``) and store it (``ArtifactInfo``).
 
     ``batch_size`` is the number of tasks per step, each with ``items_per_task`` items; ``anchor`` a
     REF of the adapter the generated LoRA starts from (the multitask LoRA; None: a fixed random A
     with B = 0). ``recon_weight`` > 0 is objective "both": the distance of the generated grid to the
-    task's harvested checkpoints (``generator.sft.recon_error``) is added as a regulariser."""
+    task's harvested checkpoints (``generator.sft.recon_error``) is added as a regulariser.
+    ``contrast_weight`` > 0 adds the condition-sensitivity hinge (``generator.sft.contrast_hinge``)."""
 
     from generator.dnd import DnDConfig, DnDDecoder
     from generator.dnd_service import _encoder_for, _embed_prompts
@@ -83,9 +85,9 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     unknown = sorted(set(decoder_options) - set(DECODER_OPTIONS))
     if unknown:
         raise GeneratorError(f"unknown option(s) for the SFT objective: {', '.join(unknown)}")
-    if steps < 1 or batch_size < 1 or items_per_task < 1 or n_prompts < 1 or lr <= 0 or recon_weight < 0:
+    if steps < 1 or batch_size < 1 or items_per_task < 1 or n_prompts < 1 or lr <= 0 or recon_weight < 0 or contrast_weight < 0:
         raise GeneratorError("steps, tasks per step, items per task and n_prompts must be >= 1, lr > 0 "
-                             "and the reconstruction weight >= 0")
+                             "and the reconstruction and contrast weights >= 0")
     if not task_items:
         raise GeneratorError("the SFT objective needs the training tasks' items (prompt, answer pairs)")
     excluded = set(exclude_tasks)
@@ -136,6 +138,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
                 "grad_clip": grad_clip, "max_length": max_length}
     if recon_weight:
         settings["recon_weight"] = recon_weight  # (absent for plain sft: earlier fingerprints stay valid)
+    if contrast_weight:
+        settings["contrast_weight"] = contrast_weight  # (likewise)
     fingerprint = sha256_json({"items": _items_digest(task_items), "layout": layout.fingerprint,
                                "anchor": anchor_info.digest if anchor_info else None, "config": decoder_config.to_dict(),
                                "encoder": reg.encoder_id, "base": data.base_fingerprint, "training": settings,
@@ -159,7 +163,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
             train_chunk=lambda gen, st, target, on_chunk_step: train_sft(
                 gen, model, sft_tasks, layout, steps=target, scaling=scaling, pad_id=tokenizer.pad_token_id,
                 lr=lr, tasks_per_step=batch_size, items_per_task=items_per_task, grad_clip=grad_clip, state=st,
-                device=device, precision=precision, recon_weight=recon_weight, on_step=on_chunk_step))
+                device=device, precision=precision, recon_weight=recon_weight, contrast_weight=contrast_weight,
+                on_step=on_chunk_step))
         data.prompts = {t: [p for p, _ in items] for t, items in task_items.items()}
         data.checkpoints = {t: [] for t in task_items}
         meta = {

@@ -81,6 +81,38 @@ def test_sft_trains_only_the_decoder_and_is_condition_sensitive(setting):
         assert own_loss < other_loss - 0.1, (own, own_loss, other_loss)  # measured gaps: 0.15 and 0.33
 
 
+def test_contrast_hinge_is_zero_past_the_margin():
+    from generator.sft import contrast_hinge
+
+    own, other = torch.tensor(1.0), torch.tensor(1.05)
+    assert float(contrast_hinge(own, other, 0.1)) == pytest.approx(0.05, abs=1e-6)
+    assert float(contrast_hinge(own, torch.tensor(1.2), 0.1)) == 0.0
+    assert float(contrast_hinge(own, own, 0.1)) == pytest.approx(0.1, abs=1e-6)  # a collapsed decoder pays the margin
+
+
+def test_the_contrast_term_widens_the_own_vs_other_gap(setting):
+    """Same seed, same steps: with the condition-sensitivity hinge the gap between a task's own generated
+    LoRA and the other task's, on its items, is larger than without."""
+    model, layout, tasks = setting["model"], setting["layout"], setting["tasks"]
+
+    def gaps(contrast_weight):
+        torch.manual_seed(0)
+        generator = SFTGenerator(DnDDecoder(DnDConfig.from_layout(layout, **TINY_DECODER)), ResidualHead(layout))
+        generator, _ = train_sft(generator, model, list(tasks.values()), layout, steps=40, scaling=2.0,
+                                 pad_id=setting["pad_id"], lr=1e-2, tasks_per_step=2, items_per_task=6,
+                                 contrast_weight=contrast_weight, contrast_margin=1.0)
+        weights = {name: generate_weights(generator, task.condition) for name, task in tasks.items()}
+        out = []
+        for own, other in (("a", "b"), ("b", "a")):
+            examples = tasks[own].examples[:12]
+            out.append(answer_loss_with(model, layout, weights[other], examples, 2.0, setting["pad_id"])
+                       - answer_loss_with(model, layout, weights[own], examples, 2.0, setting["pad_id"]))
+        return out
+
+    plain, contrasted = gaps(0.0), gaps(1.0)
+    assert sum(contrasted) > sum(plain) + 0.05, (plain, contrasted)
+
+
 def test_the_reconstruction_regulariser_pulls_the_generated_grid_to_the_harvest(setting):
     """Objective "both": with a reconstruction weight, training ends closer to the task's harvested
     grid than the same training without it."""
@@ -161,3 +193,14 @@ def test_train_generator_sft_end_to_end_with_a_multitask_anchor(cli, registry_ho
     assert both["ref"] != info["ref"]
     code, _, err = cli("train-generator", "--recon-weight", "0.5")
     assert code != 0 and "--objective both only" in err
+    # the condition-sensitivity hinge: recorded, a new artifact; refused outside sft/both
+    code, out, err = cli("train-generator", "--objective", "sft", "--contrast-weight", "0.5", "--tasks", "add_sub",
+                         "--tasks", "letter_count", *tiny, "--json")
+    assert code == 0, err
+    contrasted = json.loads(out)
+    assert contrasted["meta"]["training"]["contrast_weight"] == 0.5 and contrasted["ref"] != info["ref"]
+    code, _, err = cli("train-generator", "--contrast-weight", "0.5")
+    assert code != 0 and "--objective sft or both only" in err and "Traceback" not in err
+    code, _, err = cli("train-generator", "--objective", "sft", "--contrast-weight", "-1", "--tasks", "add_sub",
+                       "--tasks", "letter_count", *tiny)
+    assert code != 0 and "contrast weights >= 0" in err and "Traceback" not in err
