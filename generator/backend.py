@@ -8,6 +8,7 @@ and ``generator.cvae_service.CVAE``. A new objective or architecture is one more
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, Sequence
 
 from generator.errors import GeneratorError
@@ -31,6 +32,32 @@ class GeneratorBackend(Protocol):
     def generate(self, reg, prompts: list[str], info, base_model: str | None, device, pooled: bool,
                  precision: str | None = None) -> tuple[dict, dict, dict, object]:
         """Prompts -> (PEFT state dict, adapter_config dict, timings, prompt vectors or None)."""
+
+
+@dataclass(frozen=True)
+class FunctionBackend:
+    """A ``GeneratorBackend`` made of an architecture's three service functions (what DnD, its SFT
+    objective and the CVAE are). ``accepts_n_prompts`` False drops the ``n_prompts`` argument of
+    ``train`` (the CVAE conditions on a task vector, not on N prompts)."""
+
+    arch: str
+    artifact_type: str
+    default_batch_size: int
+    train_fn: Callable
+    build_fn: Callable
+    generate_fn: Callable
+    accepts_n_prompts: bool = True
+
+    def train(self, reg, **arguments):
+        if not self.accepts_n_prompts:
+            arguments.pop("n_prompts", None)
+        return self.train_fn(reg, **arguments)
+
+    def build(self, info, tensors, device):
+        return self.build_fn(info, tensors, device)
+
+    def generate(self, reg, prompts, info, base_model, device, pooled, precision=None):
+        return self.generate_fn(reg, prompts, info, base_model, device, pooled, precision)
 
 
 def clean_prompts(prompts: Sequence[str]) -> list[str]:

@@ -29,7 +29,7 @@ from generator.artifacts import (CVAE_ARTIFACT_TYPE, NORMALIZER_PREFIX, LoadedGe
                                  check_peft_layout,
                                  checked_layout, frozen, generator_peft_config, load_cached, load_prefixed,
                                  model_for_layout, resolve_any_generator)
-from generator.backend import check_base, resolve_precision, sync_device
+from generator.backend import FunctionBackend, check_base, resolve_precision, sync_device
 from generator.dnd_service import DEFAULT_LR, DEFAULT_SAVE_EVERY, DEFAULT_STEPS
 from generator.errors import GeneratorError, GeneratorLayoutError
 from generator.trainset import TrainingSet, collect_training_set
@@ -406,21 +406,6 @@ def regenerate_adapter(reg, generator_ref: str | None, task: str, name: str, dev
                            tags=tags, recipe=recipe, parents=[])
 
 
-class CVAEBackend:
-    """ICM-LoRA's CVAE behind the ``GeneratorBackend`` interface (``generator.backend``)."""
-
-    arch = "cvae"
-    artifact_type = CVAE_ARTIFACT_TYPE
-    default_batch_size = DEFAULT_CVAE_BATCH_SIZE
-
-    def train(self, reg, *, n_prompts=None, **arguments):  # the CVAE conditions on a task vector: no n_prompts
-        return train_cvae_from_registry(reg, **arguments)
-
-    def build(self, info, tensors, device) -> LoadedGenerator:
-        return build_cvae(info, tensors, device)
-
-    def generate(self, reg, prompts, info, base_model, device, pooled, precision=None):
-        return generate_cvae(reg, prompts, info, base_model, device, pooled, precision)
-
-
-CVAE = CVAEBackend()
+# ICM-LoRA's CVAE behind the ``GeneratorBackend`` interface (``generator.backend``)
+CVAE = FunctionBackend("cvae", CVAE_ARTIFACT_TYPE, DEFAULT_CVAE_BATCH_SIZE, train_cvae_from_registry, build_cvae,
+                       generate_cvae, accepts_n_prompts=False)

@@ -24,7 +24,7 @@ from generator.artifacts import (ARTIFACT_TYPE, NORMALIZER_PREFIX, LoadedGenerat
                                  checked_layout,
                                  frozen, generator_peft_config, load_cached, load_prefixed, model_for_layout,
                                  resolve_generator)
-from generator.backend import check_base, resolve_precision, sync_device
+from generator.backend import FunctionBackend, check_base, resolve_precision, sync_device
 from generator.errors import GeneratorError, GeneratorLayoutError
 from generator.trainset import TrainingSet, collect_training_set
 from generator.workdir import WorkDir, sha256_json, source_version, train_and_store, training_meta
@@ -305,21 +305,5 @@ def generate_dnd(reg, prompts: list[str], generator_ref, base_model, device, poo
     return state_dict, peft_config, timings, vectors
 
 
-class DnDBackend:
-    """The DnD generator behind the ``GeneratorBackend`` interface (``generator.backend``)."""
-
-    arch = "dnd"
-    artifact_type = ARTIFACT_TYPE
-    default_batch_size = DEFAULT_BATCH_SIZE
-
-    def train(self, reg, **arguments):
-        return train_dnd(reg, **arguments)
-
-    def build(self, info, tensors, device) -> LoadedGenerator:
-        return build_dnd(info, tensors, device)
-
-    def generate(self, reg, prompts, info, base_model, device, pooled, precision=None):
-        return generate_dnd(reg, prompts, info, base_model, device, pooled, precision)
-
-
-DND = DnDBackend()
+# the DnD generator behind the ``GeneratorBackend`` interface (``generator.backend``)
+DND = FunctionBackend("dnd", ARTIFACT_TYPE, DEFAULT_BATCH_SIZE, train_dnd, build_dnd, generate_dnd)

@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Sequence
 from generator.artifacts import (SFT_ARTIFACT_TYPE, LoadedGenerator, check_peft_layout, checked_layout, frozen,
                                  generator_peft_config, load_cached, load_prefixed, model_for_layout,
                                  resolve_any_generator)
-from generator.backend import check_base, resolve_precision, sync_device
+from generator.backend import FunctionBackend, check_base, resolve_precision, sync_device
 from generator.errors import GeneratorError
 from generator.trainset import collect_training_set
 from generator.workdir import (WorkDir, model_and_state, run_chunked_training, sha256_json, source_version,
@@ -248,21 +248,6 @@ def generate_dnd_sft(reg, prompts: list[str], generator_ref, base_model, device,
     return state_dict, generator_peft_config(loaded.meta), timings, vectors
 
 
-class SFTBackend:
-    """The SFT-trained DnD generator behind the ``GeneratorBackend`` interface."""
-
-    arch = "dnd-sft"
-    artifact_type = SFT_ARTIFACT_TYPE
-    default_batch_size = DEFAULT_TASKS_PER_STEP
-
-    def train(self, reg, **arguments):
-        return train_dnd_sft(reg, **arguments)
-
-    def build(self, info, tensors, device) -> LoadedGenerator:
-        return build_dnd_sft(info, tensors, device)
-
-    def generate(self, reg, prompts, info, base_model, device, pooled, precision=None):
-        return generate_dnd_sft(reg, prompts, info, base_model, device, pooled, precision)
-
-
-SFT = SFTBackend()
+# the SFT-trained DnD generator behind the ``GeneratorBackend`` interface (``generator.backend``)
+SFT = FunctionBackend("dnd-sft", SFT_ARTIFACT_TYPE, DEFAULT_TASKS_PER_STEP, train_dnd_sft, build_dnd_sft,
+                      generate_dnd_sft)
