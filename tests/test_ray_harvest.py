@@ -117,7 +117,10 @@ def test_failed_task_is_one_line_and_exit_1_killed_worker_is_retried(ray_cluster
     # Every worker SIGKILLs itself after storing its checkpoints, before `final`: Ray reruns the task,
     # and the rerun finds the checkpoints stored and only sets the alias.
     monkeypatch.setenv("REGISTRY_FAULT", "harvest.before_final")
-    code, out, err = cli("harvest", "--zoo", "--ray-address", address, "--base", tiny_base_dir, *HARVEST)
+    # fp32 pinned: the harvest id (so the work folder blocked above) includes the precision, and auto
+    # is bf16 on CPUs with AVX-512 BF16 / AMX
+    code, out, err = cli("harvest", "--zoo", "--ray-address", address, "--base", tiny_base_dir, *HARVEST,
+                         "--precision", "fp32")
     assert code == 1
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: gcd: FileExistsError: ") and str(blocked) in errors[0]
