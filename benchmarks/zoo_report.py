@@ -40,7 +40,7 @@ def main() -> None:
         base_acc = _cached_base(reg, task)
         if base_acc is None:
             base_acc = evaluate_stored(reg, task, None, limit=args.limit).accuracy
-        picks = sorted({round(i * (len(kept) - 1) / max(args.spread - 1, 1)) for i in range(args.spread)})
+        picks = evaluated_checkpoints(len(kept), args.spread)
         accs = {}
         metric_key = f"eval/{name}/{task.metric}"
         for i in picks:
@@ -80,6 +80,13 @@ def main() -> None:
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
+
+
+def evaluated_checkpoints(n_kept: int, spread: int) -> list[int]:
+    """Indices of the kept checkpoints to evaluate: ``spread`` of them from the last back to the first,
+    the final one always (``harvest.service.stored_gain`` and the bench read its stored result)."""
+    last = n_kept - 1
+    return sorted({round(last - i * last / max(spread - 1, 1)) for i in range(max(spread, 1))})
 
 
 def _cached_base(reg, task):

@@ -31,3 +31,16 @@ def test_families_evaluate_learnable_members_and_prefer_families_that_have_them(
     assert not {t for t in split.training if FAMILIES[t] == held_family}
     only_c = families_split(FAMILIES, 1, learnable={"c2"})
     assert only_c.held_out_families == ("C",) and only_c.held_out == ("c2",)
+
+
+def test_zoo_report_always_evaluates_the_final_checkpoint():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from zoo_report import evaluated_checkpoints
+
+    assert evaluated_checkpoints(3, 1) == [2]  # one: the final (it was the first kept one)
+    assert evaluated_checkpoints(3, 3) == [0, 1, 2]
+    assert evaluated_checkpoints(10, 3) == [0, 4, 9]
+    assert evaluated_checkpoints(1, 3) == [0]
