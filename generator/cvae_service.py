@@ -32,7 +32,7 @@ from generator.artifacts import (CVAE_ARTIFACT_TYPE, NORMALIZER_PREFIX, LoadedGe
 from generator.backend import FunctionBackend, check_base, resolve_precision, sync_device
 from generator.dnd_service import DEFAULT_LR, DEFAULT_SAVE_EVERY, DEFAULT_STEPS
 from generator.errors import GeneratorError, GeneratorLayoutError
-from generator.trainset import TrainingSet, collect_training_set
+from generator.trainset import TrainingSet, collect_training_set, token_grids
 from generator.workdir import WorkDir, sha256_json, source_version, train_and_store, training_meta
 from registry.errors import RegistryError
 from registry.precision import identity as precision_identity
@@ -179,7 +179,7 @@ def train_cvae_from_registry(
     from generator.cvae import CVAEConfig, LoraCVAE
     from generator.cvae_training import CVAEDataset, train_cvae
     from generator.task_vector import TASK_VECTOR_FORMAT, model_identity, task_vector
-    from generator.tokenizer import TokenNormalizer, layout_from_state_dict, stack_token_grids, token_mask
+    from generator.tokenizer import TokenNormalizer, token_mask
     from generator.training import resolve_device
     from registry.refs import validate_name
 
@@ -204,14 +204,8 @@ def train_cvae_from_registry(
     task_vector_s = time.perf_counter() - t_vectors
     hidden = int(next(iter(vectors.values())).shape[0])
 
-    first = next(iter(data.checkpoints.values()))[0]
-    checkpoints_per_task = {t: len(v) for t, v in data.checkpoints.items()}
     try:
-        layout = layout_from_state_dict(first, settings.chunk_width)
-        grids = {}  # task -> (K, T, h, w); each task's state dicts are freed once tokenized
-        for task in data.tasks:
-            grids[task] = stack_token_grids(data.checkpoints[task], layout)
-            data.checkpoints[task] = []
+        layout, grids, checkpoints_per_task = token_grids(data, settings.chunk_width)  # task -> (K, T, h, w)
         # one basis direction per training task by default (enough to place each task's adapter), capped
         model_options.setdefault("basis_dim", min(len(data.tasks), MAX_DEFAULT_BASIS_DIM))
         cvae_config = CVAEConfig.from_layout(layout, cond_dim=hidden, **model_options)

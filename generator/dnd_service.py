@@ -26,7 +26,7 @@ from generator.artifacts import (ARTIFACT_TYPE, NORMALIZER_PREFIX, LoadedGenerat
                                  resolve_generator)
 from generator.backend import FunctionBackend, check_base, resolve_precision, sync_device
 from generator.errors import GeneratorError, GeneratorLayoutError
-from generator.trainset import TrainingSet, collect_training_set
+from generator.trainset import TrainingSet, collect_training_set, token_grids
 from generator.workdir import WorkDir, sha256_json, source_version, train_and_store, training_meta
 from registry.precision import identity as precision_identity
 
@@ -124,7 +124,7 @@ def train_dnd(reg, *, name: str = "dnd", tasks: Sequence[str] | None = None, exc
     import torch
 
     from generator.dnd import DnDConfig, DnDDecoder
-    from generator.tokenizer import TokenNormalizer, layout_from_state_dict, stack_token_grids, token_mask
+    from generator.tokenizer import TokenNormalizer, token_mask
     from generator.training import GeneratorDataset, resolve_device, train_generator
     from registry.embeddings import load_encoder
     from registry.refs import validate_name
@@ -140,14 +140,8 @@ def train_dnd(reg, *, name: str = "dnd", tasks: Sequence[str] | None = None, exc
     encoder = load_encoder(reg.encoder)
     dimension = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
     embed_dim = int(dimension())
-    first = next(iter(data.checkpoints.values()))[0]
-    checkpoints_per_task = {t: len(v) for t, v in data.checkpoints.items()}
     try:
-        layout = layout_from_state_dict(first, settings.chunk_width)
-        grids = {}  # task -> (K, T, h, w); each task's state dicts are freed once tokenized
-        for task in data.tasks:
-            grids[task] = stack_token_grids(data.checkpoints[task], layout)
-            data.checkpoints[task] = []
+        layout, grids, checkpoints_per_task = token_grids(data, settings.chunk_width)  # task -> (K, T, h, w)
         decoder_config = DnDConfig.from_layout(layout, n_prompts=n_prompts, embed_dim=embed_dim, **decoder_options)
         mask = token_mask(layout)
         normalizer = TokenNormalizer.fit(torch.cat(list(grids.values())), mask, center=settings.center)

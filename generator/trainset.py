@@ -118,3 +118,20 @@ def collect_training_set(reg, tasks: Sequence[str] | None = None, exclude_tasks:
                        base_model=base_models.base_model_id(base_id), base_fingerprint=min(fingerprints),
                        registry_layout=registry_layout, peft_fields=peft,
                        dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
+
+
+def token_grids(data: TrainingSet, chunk_width: int | None):
+    """The training set's checkpoints as token grids: ``(layout, {task: (K, T, h, w)}, {task: K})``.
+
+    Each task's state dicts are freed once tokenized (``data.checkpoints[task]`` becomes empty), so
+    the set is in memory once, not twice. Raises ValueError/TypeError for adapters no layout fits."""
+    from generator.tokenizer import layout_from_state_dict, stack_token_grids
+
+    first = next(iter(data.checkpoints.values()))[0]
+    counts = {t: len(v) for t, v in data.checkpoints.items()}
+    layout = layout_from_state_dict(first, chunk_width)
+    grids = {}
+    for task in data.tasks:
+        grids[task] = stack_token_grids(data.checkpoints[task], layout)
+        data.checkpoints[task] = []
+    return layout, grids, counts
