@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from harvest.evaluate import DEFAULT_EVAL_BATCH
+from harvest.service import final_adapter
 from evaluation.protocols import PROTOCOLS, Split, custom_split, families_split, spread, variants_split
 from evaluation.report import MethodResult, write_report
 
@@ -124,19 +125,6 @@ def harvested_tasks(reg) -> list[str]:
         except NotFound:
             continue
     return sorted(complete)
-
-
-def _final_adapter(reg, task: str):
-    """The last kept checkpoint of a task's harvest (its ``final`` alias, else its latest version)."""
-    from registry.errors import NotFound
-
-    adapters = [a for a in reg.list_adapters(kind="harvested", task=task) if not _is_multitask(a)]
-    if not adapters:
-        raise NotFound(f"task {task} has no harvested adapters: run `registry harvest --task {task}` first")
-    try:
-        return reg.resolve(f"{adapters[-1].name}@final")
-    except NotFound:
-        return adapters[-1]
 
 
 def _family(task) -> str | None:
@@ -261,7 +249,7 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
     training = [t for t in split.training if t in finished]
     if len(training) < 2:
         raise RegistryError(f"{split.protocol}: need at least 2 harvested training tasks, found {len(training)}")
-    pool = {t: _final_adapter(reg, t).ref for t in training}
+    pool = {t: final_adapter(reg, t).ref for t in training}
     base_model = reg.resolve(pool[training[0]]).base_model
     context = _SplitContext(split, base_model, pool, [])
     label = split.protocol
@@ -376,7 +364,7 @@ def _run_method(reg, method, task, prompts, split: Split, context: _SplitContext
         from registry.errors import NotFound
 
         try:
-            info = _final_adapter(reg, task.name)
+            info = final_adapter(reg, task.name)
         except NotFound:  # a held-out task nobody harvested: the oracle cell says so, the rest runs
             return MethodResult(task.name, method, [], None, None, {"missing": f"{task.name} has no harvest"})
         return MethodResult(task.name, method, _evaluate_ref(reg, task, info.ref, settings),

@@ -256,15 +256,34 @@ def base_eval_path(reg, task_name: str, base: str | None = None) -> Path:
     return reg.home / "evals" / "base" / fingerprint / f"{task_name}.json"
 
 
+def final_adapter(reg, task_name: str):
+    """The last kept checkpoint of a task's harvest (its ``final`` alias, else its latest version);
+    multitask LoRAs never count. Raises ``NotFound`` when the task has no harvest."""
+    from registry.errors import NotFound
+
+    adapters = [a for a in reg.list_adapters(kind="harvested", task=task_name) if MULTITASK_TAG not in (a.tags or [])]
+    if not adapters:
+        raise NotFound(f"task {task_name} has no harvested adapters: run `registry harvest --task {task_name}` first")
+    try:
+        return reg.resolve(f"{adapters[-1].name}@final")
+    except NotFound:
+        return adapters[-1]
+
+
 def stored_gain(reg, task: Task, base: str | None = None) -> float | None:
     """The task's final harvested adapter's stored accuracy minus the base's (both from
     ``evaluate_stored``, e.g. by ``benchmarks/zoo_report.py``); None when either was never evaluated.
     ``base`` None: the base the adapter was harvested on."""
-    kept = reg.list_adapters(kind="harvested", task=task.name)
-    final = kept[-1].metrics.get(f"eval/{task.name}/{task.metric}") if kept else None
+    from registry.errors import NotFound
+
+    try:
+        adapter = final_adapter(reg, task.name)
+    except NotFound:
+        return None
+    final = adapter.metrics.get(f"eval/{task.name}/{task.metric}")
     if final is None:
         return None
-    path = base_eval_path(reg, task.name, base or kept[-1].base_model)
+    path = base_eval_path(reg, task.name, base or adapter.base_model)
     if not path.exists():
         return None
     return float(final) - float(json.loads(path.read_text())["accuracy"])
