@@ -210,7 +210,7 @@ def train_cvae_from_registry(
         model_options.setdefault("basis_dim", min(len(data.tasks), MAX_DEFAULT_BASIS_DIM))
         cvae_config = CVAEConfig.from_layout(layout, cond_dim=hidden, **model_options)
         mask = token_mask(layout)
-        normalizer = TokenNormalizer.fit(torch.cat(list(grids.values())), mask, center=settings.center)
+        normalizer = TokenNormalizer.fit(list(grids.values()), mask, center=settings.center)
         dataset = CVAEDataset.from_grids(grids, vectors, normalizer, mask)
     except (ValueError, TypeError) as err:
         raise GeneratorError(f"cannot build a CVAE for these adapters: {err}") from None

@@ -49,12 +49,19 @@ class CVAEDataset:
         missing = sorted(set(grids) ^ set(vectors))
         if missing:
             raise ValueError(f"tasks need both adapters and a task vector: {missing}")
-        pairs, task_of = [], []
-        for task in sorted(grids):
-            for grid in grids[task]:
-                pairs.append((flatten_tokens(normalizer.normalize(grid.float()), mask), vectors[task]))
-                task_of.append(task)
-        return cls(pairs, task_of)
+        entries = [(task, grid) for task in sorted(grids) for grid in grids[task]]
+        if not entries:
+            return cls([])  # raises the one-line "needs at least one pair"
+        first = flatten_tokens(normalizer.normalize(entries[0][1].float()), mask)  # (D,)
+        weights = torch.empty((len(entries), first.shape[0]))  # (K, D), filled row by row: held once
+        for row, (_, grid) in enumerate(entries):
+            weights[row] = flatten_tokens(normalizer.normalize(grid.float()), mask)
+        # built from its first pair (the checks), then given the filled rows
+        dataset = cls([(weights[0], vectors[entries[0][0]])], [entries[0][0]])
+        dataset.weights = weights
+        dataset.conditions = torch.stack([vectors[t].detach().float().cpu().reshape(-1) for t, _ in entries])
+        dataset.task_of = [t for t, _ in entries]
+        return dataset
 
     @property
     def input_dim(self) -> int:

@@ -144,7 +144,7 @@ def train_dnd(reg, *, name: str = "dnd", tasks: Sequence[str] | None = None, exc
         layout, grids, checkpoints_per_task = token_grids(data, settings.chunk_width)  # task -> (K, T, h, w)
         decoder_config = DnDConfig.from_layout(layout, n_prompts=n_prompts, embed_dim=embed_dim, **decoder_options)
         mask = token_mask(layout)
-        normalizer = TokenNormalizer.fit(torch.cat(list(grids.values())), mask, center=settings.center)
+        normalizer = TokenNormalizer.fit(list(grids.values()), mask, center=settings.center)
     except (ValueError, TypeError) as err:
         raise GeneratorError(f"cannot build a generator for these adapters: {err}") from None
 
@@ -152,6 +152,7 @@ def train_dnd(reg, *, name: str = "dnd", tasks: Sequence[str] | None = None, exc
     dataset = GeneratorDataset(grids, data.prompts, n_prompts=n_prompts, normalizer=normalizer, mask=mask,
                                encoder=encoder, prompt_tokens=decoder_config.prompt_tokens,
                                spread_weighting=settings.spread_weighting)
+    del grids  # the dataset holds the normalised copy
 
     fingerprint = dnd_fingerprint(data, decoder_config.to_dict(), reg.encoder_id, settings, name, precision)
     device = resolve_device(device)

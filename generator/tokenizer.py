@@ -274,23 +274,31 @@ class TokenNormalizer:
     @classmethod
     def fit(cls, grids: Sequence[Tensor] | Tensor, mask: Tensor | None = None,
             center: str = "element", eps: float = 1e-8) -> "TokenNormalizer":
-        """Fit over K grids (list of (T, h, w) or a (K, T, h, w) tensor)."""
+        """Fit over K grids: a (K, T, h, w) tensor, or a sequence of (T, h, w) grids and/or
+        (K_i, T, h, w) stacks (e.g. one per task), read chunk by chunk so the set is never copied
+        whole: two passes (mean, then spread), each holding one chunk at a time."""
         if center not in ("element", "token"):
             raise ValueError("center must be 'element' or 'token'")
-        stacked = grids if isinstance(grids, Tensor) else torch.stack(list(grids))
-        stacked = stacked.detach().float().cpu()  # (K, T, h, w)
-        if stacked.ndim != 4:
-            raise ValueError(f"expected (K, T, h, w) grids, got {tuple(stacked.shape)}")
-        valid = torch.ones_like(stacked[0], dtype=torch.bool) if mask is None else mask.bool().cpu()
-        weights = valid.expand_as(stacked).float()                # (K, T, h, w)
-        count = weights.sum(dim=(0, 2, 3)).clamp_min(1)           # (T,)
+        chunks = [grids] if isinstance(grids, Tensor) else list(grids)
+        chunks = [c if c.ndim == 4 else c[None] for c in chunks]  # each (K_i, T, h, w)
+        if not chunks or any(c.ndim != 4 for c in chunks) or len({tuple(c.shape[1:]) for c in chunks}) != 1:
+            shapes = [tuple(c.shape) for c in chunks]
+            raise ValueError(f"expected (K, T, h, w) grids of one (T, h, w) shape, got {shapes}")
+        total = sum(c.shape[0] for c in chunks)                   # K
+        valid = (torch.ones(chunks[0].shape[1:], dtype=torch.bool) if mask is None
+                 else mask.bool().cpu())                          # (T, h, w)
+        weights = valid.float()                                   # (T, h, w)
+        count = (total * weights.sum(dim=(1, 2))).clamp_min(1)    # (T,)
+        element_sum = sum(c.detach().float().cpu().sum(dim=0) for c in chunks)  # (T, h, w)
         if center == "element":
-            mean = stacked.mean(dim=0) * valid                    # (T, h, w)
-            centred = (stacked - mean) * weights                  # (K, T, h, w)
+            mean = element_sum / total * valid                    # (T, h, w)
+            broadcast_mean = mean
         else:
-            mean = (stacked * weights).sum(dim=(0, 2, 3)) / count  # (T,)
-            centred = (stacked - mean[None, :, None, None]) * weights
-        std = (centred.pow(2).sum(dim=(0, 2, 3)) / count).sqrt()  # (T,)
+            mean = (element_sum * weights).sum(dim=(1, 2)) / count  # (T,)
+            broadcast_mean = mean[:, None, None]
+        squares = sum(((c.detach().float().cpu() - broadcast_mean) * weights).pow(2).sum(dim=(0, 2, 3))
+                      for c in chunks)                            # (T,)
+        std = (squares / count).sqrt()                            # (T,)
         return cls(mean, std.clamp_min(eps), None if mask is None else valid)
 
     def _broadcast(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -87,24 +87,26 @@ class GeneratorDataset:
             raise ValueError("no tasks")
         self.tasks = sorted(checkpoints)
         self.n_prompts = n_prompts
-        grids, task_of = [], []
-        for index, task in enumerate(self.tasks):
-            task_grids = checkpoints[task]
-            task_grids = task_grids if isinstance(task_grids, Tensor) else torch.stack(list(task_grids))
-            grids.append(task_grids.detach().float().cpu())  # (K_task, T, h, w)
-            task_of += [index] * task_grids.shape[0]
-        raw = torch.cat(grids)  # (K, T, h, w)
+        grids = [checkpoints[t] if isinstance(checkpoints[t], Tensor) else torch.stack(list(checkpoints[t]))
+                 for t in self.tasks]  # each (K_task, T, h, w)
+        task_of = [index for index, g in enumerate(grids) for _ in range(g.shape[0])]
+        token_shape = tuple(grids[0].shape[1:])
         if mask is None and normalizer is not None:
             mask = normalizer.mask
-        self.mask = torch.ones(raw.shape[1:], dtype=torch.bool) if mask is None else mask.bool().cpu()
-        self.normalizer = normalizer or TokenNormalizer.fit(raw, self.mask)
-        self.targets = self.normalizer.normalize(raw)  # (K, T, h, w)
+        self.mask = torch.ones(token_shape, dtype=torch.bool) if mask is None else mask.bool().cpu()
+        self.normalizer = normalizer or TokenNormalizer.fit(grids, self.mask)
+        # normalised task by task into one preallocated (K, T, h, w): the set is held once, not twice
+        self.targets = torch.empty((len(task_of), *token_shape))
+        start = 0
+        for g in grids:
+            self.targets[start:start + g.shape[0]] = self.normalizer.normalize(g.detach().float().cpu())
+            start += g.shape[0]
         self.task_of = torch.tensor(task_of)           # (K,)
         self.prompt_embeddings = [self._embed(prompts[task], encoder, prompt_tokens) for task in self.tasks]
         if len({tuple(p.shape[1:]) for p in self.prompt_embeddings}) != 1:
             raise ValueError("all tasks' prompt embeddings must share (L, C)")
         token_weights = (spread_weights(self.targets, self.task_of, self.mask) if spread_weighting
-                         else torch.ones(raw.shape[1]))
+                         else torch.ones(token_shape[0]))
         self.loss_weights = token_weights[:, None, None] * self.mask  # (T, h, w)
 
     @staticmethod

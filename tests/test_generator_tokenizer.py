@@ -215,3 +215,24 @@ def test_normalizer_accepts_a_list_without_mask():
     torch.testing.assert_close(by_token.denormalize(by_token.normalize(grids[1])), grids[1])
     with pytest.raises(ValueError, match="center"):
         TokenNormalizer.fit(grids, center="row")
+
+
+@pytest.mark.parametrize("center", ["element", "token"])
+def test_normalizer_fit_over_per_task_stacks_equals_the_fit_over_their_concatenation(center):
+    # the generators fit task by task (K_i, T, h, w) stacks so the training set is never copied whole
+    generator = torch.Generator().manual_seed(0)
+    stacks = [torch.randn(k, 3, 2, 4, generator=generator) * (i + 1) for i, k in enumerate((3, 1, 2))]
+    mask = torch.ones(3, 2, 4, dtype=torch.bool)
+    mask[2, 1, 2:] = False
+    chunked = TokenNormalizer.fit(stacks, mask, center=center)
+    whole = TokenNormalizer.fit(torch.cat(stacks), mask, center=center)
+    torch.testing.assert_close(chunked.mean, whole.mean)
+    torch.testing.assert_close(chunked.std, whole.std)
+    # and against the definition: per-token std of the masked, centred entries
+    flat = torch.cat(stacks)
+    centred = flat - (flat.mean(0) if center == "element" else
+                      (flat * mask).sum((0, 2, 3))[:, None, None] / (mask.sum((1, 2)) * 6)[:, None, None])
+    expected = ((centred * mask) ** 2).sum((0, 2, 3)) / (mask.sum((1, 2)) * 6)
+    torch.testing.assert_close(chunked.std, expected.sqrt())
+    with pytest.raises(ValueError, match="one \\(T, h, w\\) shape"):
+        TokenNormalizer.fit([stacks[0], torch.zeros(1, 3, 2, 5)])
