@@ -55,6 +55,7 @@ def bench(
     sft_steps: Annotated[Optional[int], typer.Option("--sft-steps", help="Steps of the DnD decoder trained through the base (sft).")] = None,
     training_mean_max: Annotated[Optional[int], typer.Option("--training-mean-max", help="Training adapters averaged for training_mean (spread evenly).")] = None,
     best_other_max: Annotated[Optional[int], typer.Option("--best-other-max", help="Training adapters tried for best_other (family first, then nearest).")] = None,
+    sft_anchor_k: Annotated[Optional[int], typer.Option("--sft-anchor-k", help="The SFT generator starts each adapter from the fusion of the k training adapters nearest to the prompts (train-generator --anchor retrieved) instead of the multitask LoRA.")] = None,
     sft_contrast: Annotated[Optional[float], typer.Option("--sft-contrast", help="Weight of the SFT generator's condition-sensitivity hinge (train-generator --contrast-weight; default 0).")] = None,
     multitask_steps: Annotated[Optional[int], typer.Option("--multitask-steps", help="Steps of the multitask LoRA (default: one harvest's, from the training tasks' recipe).")] = None,
     min_gain: Annotated[float, typer.Option("--min-gain", help="Hold out only tasks whose own stored harvest beats the base by this much (benchmarks/zoo_report.py stores the evaluations).")] = 0.15,
@@ -84,6 +85,10 @@ def bench(
                         ("training_mean_max", training_mean_max), ("best_other_max", best_other_max)):
         if value is not None:
             setattr(settings, name, value)
+    if sft_anchor_k is not None:
+        if sft_anchor_k < 1:
+            raise RegistryError("--sft-anchor-k must be >= 1")
+        settings.sft_options["retrieved_anchor_k"] = sft_anchor_k
     if sft_contrast is not None:
         if sft_contrast < 0:
             raise RegistryError("--sft-contrast must be >= 0")

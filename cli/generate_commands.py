@@ -34,7 +34,8 @@ def train_generator(
     objective: Annotated[str, typer.Option(help="dnd: recon (regress harvested weights), sft (train through the base model on the tasks' answers) or both (sft + reconstruction as a regulariser).")] = "recon",
     recon_weight: Annotated[Optional[float], typer.Option("--recon-weight", help="both: weight of the reconstruction term (default 0.1).")] = None,
     contrast_weight: Annotated[Optional[float], typer.Option("--contrast-weight", help="sft/both: weight of the condition-sensitivity hinge (each task's items must score better under its own generated LoRA than under another task's; default 0: off).")] = None,
-    anchor: Annotated[str, typer.Option(help="sft: the adapter the generated LoRA starts from: multitask (trained on the same tasks first if missing), none (random A, B = 0) or a REF.")] = "multitask",
+    anchor: Annotated[str, typer.Option(help="sft: the adapter the generated LoRA starts from: multitask (trained on the same tasks first if missing), retrieved (the fusion of the --anchor-k training adapters nearest to the prompts), none (random A, B = 0) or a REF.")] = "multitask",
+    anchor_k: Annotated[int, typer.Option("--anchor-k", help="sft with --anchor retrieved: training adapters fused into the anchor.")] = 3,
     items_per_task: Annotated[int, typer.Option("--items-per-task", help="sft: train items per task per step.")] = 4,
     steps: Annotated[int, typer.Option(help="Training steps (a rerun with more steps continues).")] = 2000,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
@@ -90,6 +91,10 @@ def train_generator(
             options["recon_weight"] = recon_weight
         if contrast_weight is not None:
             options["contrast_weight"] = contrast_weight
+        if anchor == "retrieved":
+            if anchor_k < 1:
+                raise RegistryError("--anchor-k must be >= 1")
+            options["retrieved_anchor_k"] = anchor_k
     else:
         if given:
             raise RegistryError(f"{', '.join(CVAE_CLI_OPTIONS[k] for k in given)} only apply to --arch cvae")
@@ -133,7 +138,7 @@ def _sft_inputs(reg, tasks: list[str], exclude_tasks: list[str], anchor: str, ba
     loaded = [resolve_task(spec) for spec in (tasks or harvested_tasks(reg))]
     loaded = [t for t in loaded if t.name not in set(exclude_tasks)]
     items = {t.name: [(e.prompt, e.answer) for e in t.split("train")] for t in loaded}
-    if anchor == "none":
+    if anchor in ("none", "retrieved"):  # retrieved: the anchor is found per task from the harvests
         return [t.name for t in loaded], items, None
     if anchor != "multitask":
         return [t.name for t in loaded], items, reg.resolve(anchor).ref

@@ -304,7 +304,9 @@ def _train_generator(reg, arch: str, split: Split, training: list[str], settings
         from harvest.service import resolve_task
 
         items = {t: [(e.prompt, e.answer) for e in (tasks.get(t) or resolve_task(t)).split("train")] for t in training}
-        options = dict(settings.sft_options, objective="sft", task_items=items, anchor=multitask_ref)
+        retrieved = settings.sft_options.get("retrieved_anchor_k")  # a retrieved anchor replaces the multitask one
+        options = dict(settings.sft_options, objective="sft", task_items=items,
+                       anchor=None if retrieved else multitask_ref)
     # held-out tasks without a harvest have nothing to exclude (the training set names only harvests)
     held_harvested = [t for t in split.held_out if reg.list_adapters(kind="harvested", task=t)]
     artifact = train_generator_from_registry(

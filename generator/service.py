@@ -72,7 +72,8 @@ def train_generator_from_registry(
 
     ``objective="sft"`` trains the DnD decoder through the frozen base model instead of onto
     harvested weights (``generator.sft_service.train_dnd_sft``; ``config`` then takes ``task_items``
-    (task -> [(prompt, answer)]), ``anchor`` (a REF, e.g. the multitask LoRA), ``items_per_task`` and
+    (task -> [(prompt, answer)]), ``anchor`` (a REF, e.g. the multitask LoRA) or ``retrieved_anchor_k``
+    (the anchor is the fusion of the k nearest training adapters), ``items_per_task`` and
     the decoder options; ``batch_size`` is tasks per step); ``objective="both"`` adds the
     reconstruction regulariser (``recon_weight``, default ``DEFAULT_RECON_WEIGHT``) to it. ``arch="cvae"`` trains the ICM-LoRA CVAE instead (``train_cvae_from_registry``: ``n_prompts``
     is not used, ``config`` takes the CVAE's options); ``name`` defaults to the arch's name and
@@ -165,8 +166,12 @@ def generate_adapter(reg, prompts: Sequence[str], name: str, generator_ref: str 
               "prompts_sha256": prompts_sha256(prompts), "n_prompts": len(prompts)}
     if measured.get("task_vector_sha256"):
         recipe["task_vector_sha256"] = measured["task_vector_sha256"]
+    anchors = measured.get("anchor_adapters") or []  # a retrieved anchor: the adapters it fused, equal shares
+    if anchors:
+        recipe["anchor_adapters"] = anchors
     info = reg.add_weights(name, state_dict, peft_config, kind="generated", task=task, prompts=prompts,
-                           prompt_embeddings=vectors, tags=tags, recipe=recipe, parents=[])
+                           prompt_embeddings=vectors, tags=tags, recipe=recipe,
+                           parents=[(ref, 1.0 / len(anchors)) for ref in anchors])
     measured["store_s"] = time.perf_counter() - start
     measured["total_s"] += measured["store_s"]
     if timings is not None:

@@ -11,7 +11,13 @@ The generated adapter is parametrised as a residual on a strong generic adapter 
 
     W(c) = anchor + gate * scale * D(c)        # (T, h, w) token grid of LoRA weights
 
-``anchor`` is a fixed token grid: the multitask LoRA of the training tasks when there is one, so
+``anchor`` is either one fixed token grid or, with a *retrieved* anchor, the fusion (mean token
+grid, i.e. LoRA parameter averaging) of the k training adapters whose tasks' prompts are nearest to
+the condition's (``nearest_pool`` on sentence-embedding centroids; a training task never retrieves
+itself, so training sees what a held-out task will). Why: on zoo v2 the fusion of the nearest
+harvested adapters is the strongest adapter we have for an unseen family member (bench v2), while
+one fixed anchor makes every task start from the same point and lets the decoder ignore its
+condition. The fixed anchor is the multitask LoRA of the training tasks when there is one, so
 training starts from the strongest adapter a single LoRA can be (``gate`` then starts at 0.1, a
 residual of a tenth of the anchor's size); otherwise a fixed random A with B = 0, PEFT's own LoRA
 initialisation (``gate`` starts at 1). A generated A and B that both start near zero would make
@@ -52,6 +58,7 @@ class SFTTask:
     condition: Tensor                                 # (P, L, C) prompt-token embeddings (prompts only)
     examples: list[tuple[list[int], int]] = field(default_factory=list)  # (token ids, prompt length)
     targets: Tensor | None = None                     # (K, T, h, w) harvested token grids (objective "both")
+    anchor: Tensor | None = None                      # (T, h, w) its retrieved anchor (None: the head's fixed one)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +101,29 @@ def random_a_anchor(layout: LoraLayout, seed: int = 0) -> Tensor:
     return grid
 
 
+def pool_centroids(vectors: Sequence[Tensor]) -> Tensor:
+    """Each pool task's prompt sentence embeddings (P_i, C) -> their unit-length means (N, C)."""
+    means = torch.stack([v.float().mean(dim=0) for v in vectors])  # (N, C)
+    return torch.nn.functional.normalize(means, dim=-1)
+
+
+def nearest_pool(query: Tensor, centroids: Tensor, k: int, exclude: int | None = None) -> list[int]:
+    """Indices of the ``k`` pool tasks most cosine-similar to the prompts ``query`` (P, C), best
+    first; ``exclude`` (a pool index) is never returned (a training task does not retrieve itself)."""
+    centre = torch.nn.functional.normalize(query.float().mean(dim=0), dim=-1)  # (C,)
+    scores = centroids.float() @ centre                                       # (N,)
+    if exclude is not None:
+        scores[exclude] = -float("inf")
+    count = min(k, len(scores) - (exclude is not None))
+    return [int(i) for i in scores.topk(count).indices]
+
+
+def fused_anchor(grids: Sequence[Tensor]) -> Tensor:
+    """The retrieved adapters' token grids (each (T, h, w)) -> their mean (T, h, w): LoRA parameter
+    averaging (``retrieval``'s fusion), the anchor a retrieved-anchor generator adds its residual to."""
+    return torch.stack([g.float() for g in grids]).mean(dim=0)
+
+
 def contrast_hinge(own_loss: Tensor, other_loss: Tensor, margin: float) -> Tensor:
     """``relu(margin + own - other)``: zero once a task's items score at least ``margin`` nats better
     under the LoRA generated from its own prompts than under another task's. A decoder that ignores
@@ -126,9 +156,11 @@ class ResidualHead(nn.Module):
         self.register_buffer("mask", token_mask(layout).float())         # (T, h, w)
         self.gate = nn.Parameter(torch.tensor(float(gate)))
 
-    def forward(self, decoded: Tensor) -> Tensor:
-        """(..., T, h, w) decoder output -> (..., T, h, w) LoRA weights."""
-        return (self.anchor + self.gate * self.scale * decoded.float()) * self.mask
+    def forward(self, decoded: Tensor, anchor: Tensor | None = None) -> Tensor:
+        """(..., T, h, w) decoder output -> (..., T, h, w) LoRA weights; ``anchor`` (T, h, w) replaces
+        the fixed one (a retrieved anchor)."""
+        anchor = self.anchor if anchor is None else anchor.to(self.anchor.device, self.anchor.dtype)
+        return (anchor + self.gate * self.scale * decoded.float()) * self.mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,8 +231,8 @@ class SFTGenerator(nn.Module):
     def config(self):
         return self.decoder.config
 
-    def forward(self, condition: Tensor) -> Tensor:
-        return self.head(self.decoder(condition))
+    def forward(self, condition: Tensor, anchor: Tensor | None = None) -> Tensor:
+        return self.head(self.decoder(condition), anchor)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -246,7 +278,7 @@ def train_sft(generator: SFTGenerator, model: nn.Module, tasks: Sequence[SFTTask
             task = usable[int(index)]
             condition = draw_condition(task, generator.config.n_prompts, rng).to(device)  # (N, L, C)
             batch = [t.to(device) for t in collate(draw_examples(task, items_per_task, rng), pad_id)]
-            generated = generator(condition[None])[0]                                   # (T, h, w)
+            generated = generator(condition[None], task.anchor)[0]                      # (T, h, w)
             lora.weights = lora_factors(generated, layout)
             own = loss_of(*batch)
             total = total + own / len(chosen)
@@ -275,15 +307,16 @@ def train_sft(generator: SFTGenerator, model: nn.Module, tasks: Sequence[SFTTask
 
 
 @torch.no_grad()
-def generate_weights(generator: SFTGenerator, condition: Tensor) -> Tensor:
+def generate_weights(generator: SFTGenerator, condition: Tensor, anchor: Tensor | None = None) -> Tensor:
     """Prompt embeddings (P, L, C) -> LoRA weight grid (T, h, w): groups of N prompts; the decoder's
-    outputs are averaged before the (affine) head, which equals averaging the weights."""
+    outputs are averaged before the (affine) head, which equals averaging the weights. ``anchor``:
+    a retrieved anchor (T, h, w), else the head's fixed one."""
     from generator.training import group_prompts
 
     generator.eval()
     device = next(generator.parameters()).device
     groups = group_prompts(condition, generator.config.n_prompts).to(device)  # (G, N, L, C)
-    return generator.head(generator.decoder(groups).mean(dim=0)).float().cpu()  # (T, h, w)
+    return generator.head(generator.decoder(groups).mean(dim=0), anchor).float().cpu()  # (T, h, w)
 
 
 @torch.no_grad()

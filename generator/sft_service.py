@@ -23,7 +23,7 @@ from generator.artifacts import (SFT_ARTIFACT_TYPE, LoadedGenerator, check_peft_
                                  generator_peft_config, load_cached, load_prefixed, model_for_layout,
                                  resolve_any_generator)
 from generator.backend import FunctionBackend, check_base, resolve_precision, sync_device
-from generator.errors import GeneratorError
+from generator.errors import GeneratorError, GeneratorLayoutError
 from generator.trainset import collect_training_set
 from generator.workdir import (WorkDir, model_and_state, run_chunked_training, sha256_json, source_version,
                                stored_artifact, training_meta)
@@ -39,6 +39,7 @@ DEFAULT_SFT_STEPS = 500
 DEFAULT_SFT_LR = 1e-3
 DEFAULT_TASKS_PER_STEP = 2
 DEFAULT_ITEMS_PER_TASK = 4
+POOL_CENTROIDS = "pool.centroids"  # a retrieved-anchor generator's (N, C) prompt centroids of its pool
 DECODER_OPTIONS = ("prompt_tokens", "n_layers", "kernel", "hidden_tokens", "shapes")
 
 
@@ -55,6 +56,28 @@ def _items_digest(task_items: Mapping[str, Sequence[tuple[str, str]]]) -> dict[s
             for task, items in sorted(task_items.items())}
 
 
+def _anchor_pool(data, layout):
+    """The retrieved anchor's pool: ``({task: its latest harvested REF}, (N, T, h, w) their token grids)``,
+    tasks in sorted order (``data.checkpoints`` holds each task's adapters in (name, version) order)."""
+    import torch
+
+    from generator.tokenizer import state_dict_to_tokens
+
+    latest = {}
+    for adapter in data.adapters:
+        latest[adapter["task"]] = adapter["ref"]
+    tasks = sorted(latest)
+    grids = torch.stack([state_dict_to_tokens(data.checkpoints[t][-1], layout) for t in tasks])  # (N, T, h, w)
+    return {t: latest[t] for t in tasks}, grids
+
+
+def _pool_digest(data, pool) -> str | None:
+    if pool is None:
+        return None
+    digests = {a["ref"]: a["digest"] for a in data.adapters}
+    return sha256_json({t: digests[ref] for t, ref in pool[0].items()})
+
+
 def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = None,
                   exclude_tasks: Sequence[str] = (), steps: int = DEFAULT_SFT_STEPS, lr: float = DEFAULT_SFT_LR,
                   batch_size: int = DEFAULT_TASKS_PER_STEP, n_prompts: int = 16, device: str | None = None,
@@ -63,18 +86,24 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
                   anchor: str | None = None, items_per_task: int = DEFAULT_ITEMS_PER_TASK, max_length: int = 160,
                   seed: int = 0, save_every: int = 50, grad_clip: float = 1.0, precision: str | None = None,
                   base_model: str | None = None, recon_weight: float = 0.0, contrast_weight: float = 0.0,
-                  **decoder_options):
+                  retrieved_anchor_k: int = 0, **decoder_options):
     """Train the DnD decoder through the frozen base (``generator.sft``) and store it (``ArtifactInfo``).
 
     ``batch_size`` is the number of tasks per step, each with ``items_per_task`` items; ``anchor`` a
     REF of the adapter the generated LoRA starts from (the multitask LoRA; None: a fixed random A
     with B = 0). ``recon_weight`` > 0 is objective "both": the distance of the generated grid to the
     task's harvested checkpoints (``generator.sft.recon_error``) is added as a regulariser.
-    ``contrast_weight`` > 0 adds the condition-sensitivity hinge (``generator.sft.contrast_hinge``)."""
+    ``contrast_weight`` > 0 adds the condition-sensitivity hinge (``generator.sft.contrast_hinge``).
+    ``retrieved_anchor_k`` > 0 (no ``anchor`` then): each generated LoRA starts from the fusion of the
+    k training adapters nearest to its prompts (``generator.sft.nearest_pool``; the pool is each
+    harvested training task's latest adapter, a task never retrieving itself in training)."""
+
+    import torch
 
     from generator.dnd import DnDConfig, DnDDecoder
     from generator.dnd_service import _encoder_for, _embed_prompts
-    from generator.sft import ResidualHead, SFTGenerator, SFTTask, train_sft
+    from generator.sft import (ResidualHead, SFTGenerator, SFTTask, fused_anchor, nearest_pool, pool_centroids,
+                               train_sft)
     from generator.tokenizer import layout_from_state_dict, stack_token_grids, state_dict_to_tokens
     from generator.training import resolve_device
     from registry.lm import encode_example, use_training_attention
@@ -90,6 +119,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
                              "and the reconstruction and contrast weights >= 0")
     if not task_items:
         raise GeneratorError("the SFT objective needs the training tasks' items (prompt, answer pairs)")
+    if retrieved_anchor_k < 0 or (retrieved_anchor_k and anchor is not None):
+        raise GeneratorError("a retrieved anchor takes k >= 1 adapters and no fixed --anchor REF")
     excluded = set(exclude_tasks)
     task_items = {t: list(v) for t, v in sorted(task_items.items()) if t not in excluded and (tasks is None or t in tasks)}
     empty = [t for t, items in task_items.items() if len(items) < items_per_task]
@@ -107,9 +138,12 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     data = collect_training_set(reg, harvested, (), base_model=base_model)
     layout = layout_from_state_dict(next(iter(data.checkpoints.values()))[0])
     targets = {t: stack_token_grids(c, layout) for t, c in data.checkpoints.items()} if recon_weight else {}
+    pool = _anchor_pool(data, layout) if retrieved_anchor_k else None  # (task -> latest ref, (N, T, h, w))
     data.checkpoints = {t: [] for t in data.checkpoints}  # only the layout was needed (and targets for "both")
     scaling = lora_scaling(data.peft_fields)
     anchor_info, anchor_tokens = None, None
+    if pool is not None:
+        anchor_tokens = pool[1].mean(dim=0)  # the fixed anchor (scale; nothing retrieved): the pool's mean
     if anchor is not None:
         from safetensors.torch import load_file
 
@@ -128,11 +162,19 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     decoder_config = DnDConfig.from_layout(layout, n_prompts=n_prompts, embed_dim=embed_dim, **decoder_options)
 
     status("embedding prompts and encoding train items")
-    sft_tasks = []
+    sft_tasks, centroids = [], None
+    if pool is not None:
+        pool_vectors = [torch.as_tensor(_embed_prompts(encoder, data.prompts[t], decoder_config.prompt_tokens)[1])
+                        for t in pool[0]]  # each (P_t, C) sentence embeddings
+        centroids = pool_centroids(pool_vectors)  # (N, C)
     for task, items in task_items.items():
-        condition, _ = _embed_prompts(encoder, [p for p, _ in items], decoder_config.prompt_tokens)  # (P, L, C)
+        condition, vectors = _embed_prompts(encoder, [p for p, _ in items], decoder_config.prompt_tokens)  # (P, L, C)
         examples = [encode_example(tokenizer, p, a, max_length) for p, a in items]
-        sft_tasks.append(SFTTask(task, condition.float().cpu(), examples, targets.get(task)))
+        task_anchor = None
+        if pool is not None:
+            own = list(pool[0]).index(task) if task in pool[0] else None
+            task_anchor = fused_anchor(pool[1][nearest_pool(torch.as_tensor(vectors), centroids, retrieved_anchor_k, own)])
+        sft_tasks.append(SFTTask(task, condition.float().cpu(), examples, targets.get(task), task_anchor))
 
     settings = {"lr": lr, "tasks_per_step": batch_size, "items_per_task": items_per_task, "seed": seed,
                 "grad_clip": grad_clip, "max_length": max_length}
@@ -140,8 +182,11 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         settings["recon_weight"] = recon_weight  # (absent for plain sft: earlier fingerprints stay valid)
     if contrast_weight:
         settings["contrast_weight"] = contrast_weight  # (likewise)
+    if retrieved_anchor_k:
+        settings["retrieved_anchor_k"] = retrieved_anchor_k  # (likewise)
     fingerprint = sha256_json({"items": _items_digest(task_items), "layout": layout.fingerprint,
-                               "anchor": anchor_info.digest if anchor_info else None, "config": decoder_config.to_dict(),
+                               "anchor": anchor_info.digest if anchor_info else _pool_digest(data, pool),
+                               "config": decoder_config.to_dict(),
                                "encoder": reg.encoder_id, "base": data.base_fingerprint, "training": settings,
                                "name": name, **precision_identity(precision), "code": SERVICE_VERSION})
     work = WorkDir(reg.home / "work" / "generators" / fingerprint[:24])
@@ -175,8 +220,10 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
                 **settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
                 "device": str(device), "fingerprint": fingerprint, "precision": precision}),
             "objective": "both" if recon_weight else "sft",
-            "parametrisation": "anchor + gate * scale * decoder",
-            "anchor": anchor_info.ref if anchor_info else None,
+            "parametrisation": ("fusion of the k nearest training adapters + gate * scale * decoder" if pool
+                                else "anchor + gate * scale * decoder"),
+            "anchor": anchor_info.ref if anchor_info else ("retrieved" if pool else None),
+            **({"anchor_pool": pool[0], "anchor_k": retrieved_anchor_k} if pool else {}),
             "items_per_task": {t: len(v) for t, v in task_items.items()},
             "scaling": scaling,
             "encoder": reg.encoder_id,
@@ -188,6 +235,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         }
         tensors = {f"{DECODER_PREFIX}{k}": v for k, v in generator.decoder.state_dict().items()}
         tensors |= {f"{HEAD_PREFIX}{k}": v for k, v in generator.head.state_dict().items()}
+        if centroids is not None:
+            tensors[POOL_CENTROIDS] = centroids.contiguous()  # (N, C), rows in anchor_pool's order
         status("storing the generator")
         info = reg.add_artifact(name, SFT_ARTIFACT_TYPE, tensors, meta, base_model=data.base_model)
         work.mark_stored(info.ref, info.sha256, steps)
@@ -209,9 +258,47 @@ def build_dnd_sft(info, tensors: Mapping, device) -> LoadedGenerator:
     head = ResidualHead(layout)
     load_prefixed(head, tensors, HEAD_PREFIX, info, "head")
     check_peft_layout(info, layout)
+    pool = None
+    if info.meta.get("anchor") == "retrieved":  # the pool's prompt centroids, one row per pool task
+        centroids, tasks = tensors.get(POOL_CENTROIDS), list(info.meta.get("anchor_pool") or {})
+        if centroids is None or centroids.ndim != 2 or centroids.shape[0] != len(tasks) or not tasks:
+            raise GeneratorLayoutError(f"generator {info.ref} is unusable: its anchor pool and centroids disagree")
+        pool = dict(zip(tasks, centroids.float()))
     generator = frozen(SFTGenerator(decoder, head), device)
     return LoadedGenerator(ref=info.ref, sha256=info.sha256, meta=info.meta, model=generator, layout=layout,
-                           normalizer=None, device=torch.device(device), arch="dnd-sft")
+                           normalizer=None, device=torch.device(device), task_vectors=pool, arch="dnd-sft")
+
+
+_POOL_GRIDS: dict = {}  # (registry home, REF, layout) -> (T, h, w): a retrieved anchor's adapters, per process
+_POOL_GRIDS_MAX = 32
+
+
+def retrieved_anchor(reg, loaded: LoadedGenerator, vectors) -> tuple[object, list[str]]:
+    """The fused anchor (T, h, w) for prompts with sentence embeddings ``vectors`` (P, C) and the REFs
+    it fused: the ``anchor_k`` pool adapters nearest to the prompts (``generator.sft.nearest_pool``)."""
+    import torch
+
+    from generator.sft import fused_anchor, nearest_pool
+    from generator.tokenizer import state_dict_to_tokens
+    from registry.errors import RegistryError
+
+    tasks = list(loaded.task_vectors)
+    centroids = torch.stack([loaded.task_vectors[t] for t in tasks])  # (N, C)
+    refs = [loaded.meta["anchor_pool"][tasks[i]]
+            for i in nearest_pool(torch.as_tensor(vectors).float().cpu(), centroids, int(loaded.meta["anchor_k"]))]
+    grids = []
+    for ref in refs:
+        key = (str(reg.home), ref, loaded.layout.fingerprint)
+        if key not in _POOL_GRIDS:
+            try:
+                state_dict, _ = reg.load_weights(ref)
+            except RegistryError as err:  # a deleted or corrupted pool adapter: say which
+                raise GeneratorError(f"generator {loaded.ref} cannot fuse its anchor adapter {ref}: {err}") from None
+            if len(_POOL_GRIDS) >= _POOL_GRIDS_MAX:
+                _POOL_GRIDS.pop(next(iter(_POOL_GRIDS)))
+            _POOL_GRIDS[key] = state_dict_to_tokens(state_dict, loaded.layout).float()
+        grids.append(_POOL_GRIDS[key])
+    return fused_anchor(grids), refs
 
 
 def generate_dnd_sft(reg, prompts: list[str], generator_ref, base_model, device, pooled: bool,
@@ -237,7 +324,9 @@ def generate_dnd_sft(reg, prompts: list[str], generator_ref, base_model, device,
     with torch.inference_mode(), autocast(precision, loaded.device):
         groups = group_prompts(condition.to(loaded.device).float(), generator.config.n_prompts)  # (G, N, L, C)
         decoded = generator.decoder(groups).mean(dim=0)                                           # (T, h, w)
-    weights = generator.head(decoded.float()).cpu()                                               # (T, h, w)
+    anchor, anchor_refs = (retrieved_anchor(reg, loaded, vectors) if loaded.task_vectors is not None
+                           else (None, []))                                                    # (T, h, w)
+    weights = generator.head(decoded.float(), anchor).cpu()                                       # (T, h, w)
     state_dict = tokens_to_state_dict(weights, loaded.layout)
     t_decoded = time.perf_counter()
     vectors = vectors if pooled and loaded.meta.get("encoder") == reg.encoder_id else None
@@ -245,6 +334,8 @@ def generate_dnd_sft(reg, prompts: list[str], generator_ref, base_model, device,
                "decode_s": t_decoded - t_embedded, "total_s": t_decoded - start, "cached": cached,
                "generator": loaded.ref, "generator_digest": loaded.sha256, "device": str(loaded.device),
                "arch": "dnd-sft", "precision": precision}
+    if anchor_refs:
+        timings["anchor_adapters"] = anchor_refs
     return state_dict, generator_peft_config(loaded.meta), timings, vectors
 
 

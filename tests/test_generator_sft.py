@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from generator.dnd import DnDConfig, DnDDecoder
-from generator.sft import (FunctionalLora, ResidualHead, SFTGenerator, SFTTask, answer_loss_with, generate_weights,
+from generator.sft import (FunctionalLora, ResidualHead, SFTGenerator, SFTTask, answer_loss_with, fused_anchor,
+                           generate_weights, nearest_pool, pool_centroids,
                            lora_factors, recon_error, train_sft)
 from generator.tokenizer import layout_from_state_dict, state_dict_to_tokens
 
@@ -204,3 +205,61 @@ def test_train_generator_sft_end_to_end_with_a_multitask_anchor(cli, registry_ho
     code, _, err = cli("train-generator", "--objective", "sft", "--contrast-weight", "-1", "--tasks", "add_sub",
                        "--tasks", "letter_count", *tiny)
     assert code != 0 and "contrast weights >= 0" in err and "Traceback" not in err
+
+
+def test_nearest_pool_ranks_by_prompt_centroid_and_never_returns_the_excluded_task():
+    directions = torch.eye(4)[:3]                                            # 3 pool tasks, C = 4
+    vectors = [d + 0.01 * torch.randn(5, 4, generator=torch.Generator().manual_seed(i)) for i, d in enumerate(directions)]
+    centroids = pool_centroids(vectors)                                      # (3, 4), unit rows
+    torch.testing.assert_close(centroids.norm(dim=-1), torch.ones(3))
+    query = torch.stack([directions[1], 0.5 * directions[1] + 0.4 * directions[2]])  # (P=2, C): mostly task 1, then 2
+    assert nearest_pool(query, centroids, 2) == [1, 2]
+    assert nearest_pool(query, centroids, 2, exclude=1) == [2, 0]
+    assert nearest_pool(query, centroids, 5, exclude=1) == [2, 0]            # k is capped by the pool
+    grids = [torch.full((2, 1, 3), float(v)) for v in (1.0, 3.0)]
+    torch.testing.assert_close(fused_anchor(grids), torch.full((2, 1, 3), 2.0))
+
+
+def test_residual_head_takes_a_retrieved_anchor_in_place_of_its_fixed_one(setting):
+    layout = setting["layout"]
+    fixed = state_dict_to_tokens(setting["state"], layout)
+    retrieved = 2 * fixed
+    head = ResidualHead(layout, anchor=fixed, gate=0.0)
+    torch.testing.assert_close(head(torch.randn(layout.shape), retrieved), retrieved)
+    torch.testing.assert_close(head(torch.randn(layout.shape)), fixed)
+
+
+def test_train_generator_sft_with_a_retrieved_anchor(cli, registry_home, tiny_base_dir):
+    """`--anchor retrieved`: the artifact keeps its pool (each task's latest harvest) and centroids; a
+    generated adapter starts from the pool adapter nearest to its prompts, recorded as its parent."""
+    import json
+
+    from harvest.service import harvest_task, resolve_task
+    from harvest.train import HarvestConfig
+    from registry.store import Registry
+
+    config = HarvestConfig(steps=2, n_checkpoints=1, batch_size=2, rank=4, target_modules=("q_proj", "v_proj"))
+    names = ("add_sub", "letter_count", "word_sort")
+    with Registry.open(registry_home) as reg:
+        refs = {n: harvest_task(reg, resolve_task(n), base=str(tiny_base_dir), config=config).refs[-1] for n in names}
+    tiny = ["--n-prompts", "4", "--prompt-tokens", "8", "--layers", "2", "--hidden-tokens", "8", "--steps", "2",
+            "--save-every", "2", "--device", "cpu"]
+    tasks = [a for n in names for a in ("--tasks", n)]
+    code, out, err = cli("train-generator", "--objective", "sft", "--anchor", "retrieved", "--anchor-k", "1",
+                         *tasks, *tiny, "--json")
+    assert code == 0, err
+    trained = json.loads(out)
+    meta = trained["meta"]
+    assert meta["anchor"] == "retrieved" and meta["anchor_k"] == 1 and meta["anchor_pool"] == refs
+    assert meta["training"]["retrieved_anchor_k"] == 1 and meta["parametrisation"].startswith("fusion")
+    picked = {}
+    for name in ("add_sub", "word_sort"):
+        code, out, err = cli("generate", "--task", name, "--name", f"gen-{name}", "--generator", trained["ref"],
+                             "--json")
+        assert code == 0, err
+        generated = json.loads(out)
+        picked[name] = generated["recipe"]["anchor_adapters"]
+        assert [p["ref"] for p in generated["parents"]] == picked[name]
+    assert picked == {"add_sub": [refs["add_sub"]], "word_sort": [refs["word_sort"]]}  # each task's own harvest
+    code, _, err = cli("train-generator", "--objective", "sft", "--anchor", "retrieved", "--anchor-k", "0", *tasks, *tiny)
+    assert code != 0 and "--anchor-k must be >= 1" in err and "Traceback" not in err
