@@ -22,6 +22,9 @@ CVAE_CLI_OPTIONS = {"latent_dim": "--latent-dim", "positions": "--positions", "f
                     "center": "--center", "max_length": "--max-length"}
 
 
+DEFAULT_ANCHOR_K = 3  # --anchor retrieved: adapters fused, as `registry compose -k 3`
+
+
 def _seconds(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
@@ -35,7 +38,7 @@ def train_generator(
     recon_weight: Annotated[Optional[float], typer.Option("--recon-weight", help="both: weight of the reconstruction term (default 0.1).")] = None,
     contrast_weight: Annotated[Optional[float], typer.Option("--contrast-weight", help="sft/both: weight of the condition-sensitivity hinge (each task's items must score better under its own generated LoRA than under another task's; default 0: off).")] = None,
     anchor: Annotated[str, typer.Option(help="sft: the adapter the generated LoRA starts from: multitask (trained on the same tasks first if missing), retrieved (the fusion of the --anchor-k training adapters nearest to the prompts), none (random A, B = 0) or a REF.")] = "multitask",
-    anchor_k: Annotated[int, typer.Option("--anchor-k", help="sft with --anchor retrieved: training adapters fused into the anchor.")] = 3,
+    anchor_k: Annotated[Optional[int], typer.Option("--anchor-k", help="sft with --anchor retrieved: training adapters fused into the anchor (default 3).")] = None,
     items_per_task: Annotated[int, typer.Option("--items-per-task", help="sft: train items per task per step.")] = 4,
     steps: Annotated[int, typer.Option(help="Training steps (a rerun with more steps continues).")] = 2000,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
@@ -79,6 +82,8 @@ def train_generator(
         raise RegistryError("--recon-weight applies to --objective both only")
     if contrast_weight is not None and objective not in ("sft", "both"):
         raise RegistryError("--contrast-weight applies to --objective sft or both only")
+    if anchor_k is not None and (objective not in ("sft", "both") or anchor != "retrieved"):
+        raise RegistryError("--anchor-k applies to --objective sft with --anchor retrieved only")
     if arch == "cvae":
         options = {**given, "seed": seed, "save_every": save_every, "base_model": base_model}
     elif objective in ("sft", "both"):
@@ -92,9 +97,9 @@ def train_generator(
         if contrast_weight is not None:
             options["contrast_weight"] = contrast_weight
         if anchor == "retrieved":
-            if anchor_k < 1:
+            if anchor_k is not None and anchor_k < 1:
                 raise RegistryError("--anchor-k must be >= 1")
-            options["retrieved_anchor_k"] = anchor_k
+            options["retrieved_anchor_k"] = DEFAULT_ANCHOR_K if anchor_k is None else anchor_k
     else:
         if given:
             raise RegistryError(f"{', '.join(CVAE_CLI_OPTIONS[k] for k in given)} only apply to --arch cvae")

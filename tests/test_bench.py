@@ -125,6 +125,8 @@ def test_bench_user_task_file_held_out_without_harvest(harvested, tmp_path, cli,
     (["--methods", "base,magic"], "unknown bench method(s): magic"),
     (["--protocols", "weird"], "unknown protocol(s): weird"),
     (["--tasks", "add_sub,gcd"], "tasks without a finished harvest: gcd"),
+    (["--sft-anchor-k", "0"], "--sft-anchor-k must be >= 1"),
+    (["--sft-contrast", "-1"], "--sft-contrast must be >= 0"),
 ])
 def test_bench_bad_input_is_one_line_and_writes_nothing(harvested, tmp_path, cli, args, message):
     out = tmp_path / "r"

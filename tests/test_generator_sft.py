@@ -263,3 +263,5 @@ def test_train_generator_sft_with_a_retrieved_anchor(cli, registry_home, tiny_ba
     assert picked == {"add_sub": [refs["add_sub"]], "word_sort": [refs["word_sort"]]}  # each task's own harvest
     code, _, err = cli("train-generator", "--objective", "sft", "--anchor", "retrieved", "--anchor-k", "0", *tasks, *tiny)
     assert code != 0 and "--anchor-k must be >= 1" in err and "Traceback" not in err
+    code, _, err = cli("train-generator", "--objective", "sft", "--anchor-k", "2", *tasks, *tiny)
+    assert code != 0 and "--anchor-k applies to --objective sft with --anchor retrieved only" in err
