@@ -135,7 +135,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     harvested = [t for t in task_items if reg.list_adapters(kind="harvested", task=t)]
     if not harvested:
         raise GeneratorError("none of the SFT training tasks has a harvested adapter to take the layout from")
-    data = collect_training_set(reg, harvested, (), base_model=base_model)
+    # reconstruction needs every kept checkpoint; otherwise each task's final one gives the layout (and the pool)
+    data = collect_training_set(reg, harvested, (), base_model=base_model, latest_only=not recon_weight)
     layout = layout_from_state_dict(next(iter(data.checkpoints.values()))[0])
     targets = {t: stack_token_grids(c, layout) for t, c in data.checkpoints.items()} if recon_weight else {}
     pool = _anchor_pool(data, layout) if retrieved_anchor_k else None  # (task -> latest ref, (N, T, h, w))

@@ -53,11 +53,12 @@ def peft_fields(config: Mapping) -> dict:
     return fields
 
 def collect_training_set(reg, tasks: Sequence[str] | None = None, exclude_tasks: Sequence[str] = (),
-                         base_model: str | None = None) -> TrainingSet:
+                         base_model: str | None = None, latest_only: bool = False) -> TrainingSet:
     """All harvested adapters (with a task) of one base model and one layout, grouped by task.
 
     ``tasks`` keeps only those tasks, ``exclude_tasks`` drops tasks (held out), ``base_model``
-    keeps one base. Refuses a set that spans several base models or layouts, unknown task names,
+    keeps one base, ``latest_only`` each task's latest adapter only (in (name, version) order: its
+    final checkpoint; what the SFT objective needs, a third of the memory of 3 kept checkpoints). Refuses a set that spans several base models or layouts, unknown task names,
     tasks without stored prompts, disagreeing PEFT settings, and fewer than two tasks.
     """
     from registry import base_models
@@ -81,6 +82,9 @@ def collect_training_set(reg, tasks: Sequence[str] | None = None, exclude_tasks:
             raise GeneratorError(f"{label}: no harvested adapters for task(s) {', '.join(unknown)} "
                                  f"(known: {', '.join(sorted(known))})")
     chosen = [a for a in harvested if a.task not in excluded and (wanted is None or a.task in wanted)]
+    if latest_only:
+        latest = {a.task: a for a in sorted(chosen, key=lambda i: (i.task, i.name, i.version))}
+        chosen = list(latest.values())
 
     groups: dict[tuple[str, str], list] = {}
     for info in chosen:
