@@ -14,10 +14,13 @@ The generated adapter is parametrised as a residual on a strong generic adapter 
 ``anchor`` is either one fixed token grid or, with a *retrieved* anchor, the fusion (mean token
 grid, i.e. LoRA parameter averaging) of the k training adapters whose tasks' prompts are nearest to
 the condition's (``nearest_pool`` on sentence-embedding centroids; a training task never retrieves
-itself, so training sees what a held-out task will). Why: on zoo v2 the fusion of the nearest
-harvested adapters is the strongest adapter we have for an unseen family member (bench v2), while
-one fixed anchor makes every task start from the same point and lets the decoder ignore its
-condition. The fixed anchor is the multitask LoRA of the training tasks when there is one, so
+itself, so training sees what a held-out task will). Why it was tried: on the 87-task zoo the
+fusion of the nearest harvested adapters was the strongest adapter for an unseen family member
+(bench v2: fusion 0.223, multitask 0.083), and one fixed anchor lets the decoder ignore its
+condition. Measured on the 44-task, four-family zoo (README) it did not pay: 0.045 on the variants
+split against multitask 0.135 and mixture 0.070, its controls as good (collapsed); there retrieval
+was weak and the multitask LoRA strong, so the multitask anchor stays the default
+(``train-generator --anchor multitask``). The fixed anchor is the multitask LoRA of the training tasks when there is one, so
 training starts from the strongest adapter a single LoRA can be (``gate`` then starts at 0.1, a
 residual of a tenth of the anchor's size); otherwise a fixed random A with B = 0, PEFT's own LoRA
 initialisation (``gate`` starts at 1). A generated A and B that both start near zero would make
