@@ -20,8 +20,8 @@ fusion of the nearest harvested adapters was the strongest adapter for an unseen
 condition. Measured on the 44-task, four-family zoo (README) it did not pay: 0.045 on the variants
 split against multitask 0.135 and mixture 0.070, its controls as good (collapsed); there retrieval
 was weak and the multitask LoRA strong, so the multitask anchor stays the default
-(``train-generator --anchor multitask``). The fixed anchor is the multitask LoRA of the training tasks when there is one, so
-training starts from the strongest adapter a single LoRA can be (``gate`` then starts at 0.1, a
+(``train-generator --anchor multitask``). The fixed anchor is the multitask LoRA of the training
+tasks when there is one, so training starts from the strongest adapter a single LoRA can be (``gate`` then starts at 0.1, a
 residual of a tenth of the anchor's size); otherwise a fixed random A with B = 0, PEFT's own LoRA
 initialisation (``gate`` starts at 1). A generated A and B that both start near zero would make
 each other's gradient vanish, which is why there is always a non-zero A to start from. ``scale``

@@ -58,8 +58,9 @@ def collect_training_set(reg, tasks: Sequence[str] | None = None, exclude_tasks:
 
     ``tasks`` keeps only those tasks, ``exclude_tasks`` drops tasks (held out), ``base_model``
     keeps one base, ``latest_only`` each task's latest adapter only (in (name, version) order: its
-    final checkpoint; what the SFT objective needs, a third of the memory of 3 kept checkpoints). Refuses a set that spans several base models or layouts, unknown task names,
-    tasks without stored prompts, disagreeing PEFT settings, and fewer than two tasks.
+    final checkpoint, all the SFT objective needs). Refuses a set that spans several base models or
+    layouts, unknown task names, tasks without stored prompts, disagreeing PEFT settings, and fewer
+    than two tasks.
     """
     from registry import base_models
 
