@@ -326,17 +326,17 @@ def generate_dnd_sft(reg, prompts: list[str], generator_ref, base_model, device,
     with torch.inference_mode(), autocast(precision, loaded.device):
         groups = group_prompts(condition.to(loaded.device).float(), generator.config.n_prompts)  # (G, N, L, C)
         decoded = generator.decoder(groups).mean(dim=0)                                           # (T, h, w)
-    t_anchor = time.perf_counter()
+    anchor_start = time.perf_counter()
     anchor, anchor_refs = (retrieved_anchor(reg, loaded, vectors) if loaded.task_vectors is not None
                            else (None, []))                                                    # (T, h, w)
-    t_anchor = time.perf_counter() - t_anchor
+    anchor_s = time.perf_counter() - anchor_start
     weights = generator.head(decoded.float(), anchor).cpu()                                       # (T, h, w)
     state_dict = tokens_to_state_dict(weights, loaded.layout)
     t_decoded = time.perf_counter()
     vectors = vectors if pooled and loaded.meta.get("encoder") == reg.encoder_id else None
     timings = {"load_s": 0.0 if cached else t_loaded - start, "encoder_s": t_encoder - t_loaded,
                "embed_s": t_embedded - t_encoder, "decode_s": t_decoded - t_embedded,  # decode_s includes anchor_s
-               "anchor_s": t_anchor, "total_s": t_decoded - start, "cached": cached,
+               "anchor_s": anchor_s, "total_s": t_decoded - start, "cached": cached,
                "generator": loaded.ref, "generator_digest": loaded.sha256, "device": str(loaded.device),
                "arch": "dnd-sft", "precision": precision}
     if anchor_refs:

@@ -52,6 +52,10 @@ def peft_fields(config: Mapping) -> dict:
         fields[key] = value
     return fields
 
+def _training_order(info) -> tuple:
+    """The order adapters enter a training set: by task, then name, then version (latest last)."""
+    return info.task, info.name, info.version
+
 def collect_training_set(reg, tasks: Sequence[str] | None = None, exclude_tasks: Sequence[str] = (),
                          base_model: str | None = None, latest_only: bool = False) -> TrainingSet:
     """All harvested adapters (with a task) of one base model and one layout, grouped by task.
@@ -84,7 +88,7 @@ def collect_training_set(reg, tasks: Sequence[str] | None = None, exclude_tasks:
                                  f"(known: {', '.join(sorted(known))})")
     chosen = [a for a in harvested if a.task not in excluded and (wanted is None or a.task in wanted)]
     if latest_only:
-        latest = {a.task: a for a in sorted(chosen, key=lambda i: (i.task, i.name, i.version))}
+        latest = {a.task: a for a in sorted(chosen, key=_training_order)}
         chosen = list(latest.values())
 
     groups: dict[tuple[str, str], list] = {}
@@ -104,7 +108,7 @@ def collect_training_set(reg, tasks: Sequence[str] | None = None, exclude_tasks:
     checkpoints: dict[str, list[dict]] = {t: [] for t in task_names}
     prompts: dict[str, list[str]] = {t: [] for t in task_names}
     adapters, peft, dtypes = [], None, set()
-    for info in sorted(infos, key=lambda i: (i.task, i.name, i.version)):
+    for info in sorted(infos, key=_training_order):
         state_dict, config = reg.load_weights(info.ref)
         fields = peft_fields(config)
         if peft is None:
