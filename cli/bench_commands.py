@@ -57,6 +57,7 @@ def bench(
     best_other_max: Annotated[Optional[int], typer.Option("--best-other-max", help="Training adapters tried for best_other (family first, then nearest).")] = None,
     sft_anchor_k: Annotated[Optional[int], typer.Option("--sft-anchor-k", help="The SFT generator starts each adapter from the fusion of the k training adapters nearest to the prompts (train-generator --anchor retrieved) instead of the multitask LoRA.")] = None,
     sft_contrast: Annotated[Optional[float], typer.Option("--sft-contrast", help="Weight of the SFT generator's condition-sensitivity hinge (train-generator --contrast-weight; default 0).")] = None,
+    sft_head: Annotated[Optional[str], typer.Option("--sft-head", help="The SFT generator's head: residual (default) or gated (train-generator --head gated).")] = None,
     multitask_steps: Annotated[Optional[int], typer.Option("--multitask-steps", help="Steps of the multitask LoRA (default: one harvest's, from the training tasks' recipe).")] = None,
     min_gain: Annotated[float, typer.Option("--min-gain", help="Hold out only tasks whose own stored harvest beats the base by this much (benchmarks/zoo_report.py stores the evaluations).")] = 0.15,
     n_prompts: Annotated[int, typer.Option("--n-prompts", help="Train prompts given to the generators and used as the retrieval query.")] = 32,
@@ -93,6 +94,12 @@ def bench(
         if sft_contrast < 0:
             raise RegistryError("--sft-contrast must be >= 0")
         settings.sft_options["contrast_weight"] = sft_contrast
+    if sft_head is not None:
+        if sft_head not in ("residual", "gated"):
+            raise RegistryError(f"--sft-head must be residual or gated, not {sft_head!r}")
+        if sft_head == "gated" and sft_anchor_k is not None:
+            raise RegistryError("--sft-head gated starts from the multitask LoRA: no --sft-anchor-k")
+        settings.sft_options["head"] = sft_head
     with open_registry(home) as reg:
         paths = _run(reg, settings, out)
     _print_report(paths, json_output)

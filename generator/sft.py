@@ -237,6 +237,93 @@ class SFTGenerator(nn.Module):
     def forward(self, condition: Tensor, anchor: Tensor | None = None) -> Tensor:
         return self.head(self.decoder(condition), anchor)
 
+    def weights(self, groups: Tensor, anchor: Tensor | None = None) -> Tensor:
+        """Prompt groups (G, N, L, C) -> one LoRA grid (T, h, w): the decoder's outputs averaged
+        before the (affine) head, which equals averaging the weights."""
+        return self.head(self.decoder(groups).mean(dim=0), anchor)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# The rank-gated head: a shared LoRA whose rank components the prompts switch on and off
+# --------------------------------------------------------------------------------------------
+
+
+def rank_gate_index(layout: LoraLayout) -> Tensor:
+    """(T, h) long: the gate each token row is scaled by. Row ``j`` of module ``m``'s A tokens takes
+    gate ``m * r + j``; B's tokens and the padding rows take the last index (the constant 1)."""
+    rank = layout.modules[0].rank
+    index = torch.full((layout.num_tokens, layout.token_height), len(layout.modules) * rank, dtype=torch.long)
+    for i, m in enumerate(layout.modules):
+        index[m.a_start:m.a_start + m.a_tokens, :m.rank] = i * rank + torch.arange(m.rank)
+    return index
+
+
+def mean_prompt_embedding(condition: Tensor) -> Tensor:
+    """(B, N, L, C) prompt-token embeddings (zero rows are padding) -> (B, C) unit-length mean."""
+    valid = (condition.abs().sum(dim=-1) > 0).float()                                    # (B, N, L)
+    per_prompt = (condition * valid[..., None]).sum(dim=2) / valid.sum(dim=2, keepdim=True).clamp(min=1)  # (B, N, C)
+    return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)                 # (B, C)
+
+
+class RankGatedGenerator(nn.Module):
+    """W(c) = B diag(g(c)) A per module: one trained LoRA shared by every task, whose rank
+    components are scaled by gates ``g = 1 + MLP(mean prompt embedding)``.
+
+    Why this output space: the residual head's decoder writes a whole weight grid (millions of
+    numbers) from a few dozen training tasks and learns one mean answer for all of them (bench v2:
+    own prompts = another task's = random strings). Here the prompts choose only ``modules x rank``
+    gains (1,680 on SmolLM2 at rank 8) over a LoRA that is itself trained on every task, starting
+    from the multitask LoRA (``anchor``); the last layer of the MLP starts at zero, so the untrained
+    generator *is* the anchor, and a gate that ignores the prompts is exactly a further-trained
+    multitask LoRA (what the bench's controls tell apart). Gating A's row ``j`` scales the rank-1
+    component ``b_j a_j^T``, so tasks can share some components and switch others: routing over a
+    skill inventory (Polytropon), with the router reading the prompts instead of a task id.
+    """
+
+    def __init__(self, layout: LoraLayout, config, anchor: Tensor | None = None, hidden: int = 64, seed: int = 0):
+        super().__init__()
+        if len({m.rank for m in layout.modules}) != 1:
+            raise ValueError("the rank-gated head needs one rank for every module")
+        anchor = random_a_anchor(layout, seed) if anchor is None else anchor.detach().float().cpu()
+        if tuple(anchor.shape) != layout.shape:
+            raise ValueError(f"anchor {tuple(anchor.shape)} does not match layout {layout.shape}")
+        self.config = config                                              # n_prompts, prompt_tokens, embed_dim
+        self.lora = nn.Parameter(anchor.clone())                          # (T, h, w) the shared A and B^T
+        self.register_buffer("mask", token_mask(layout).float())          # (T, h, w)
+        self.register_buffer("gate_index", rank_gate_index(layout))       # (T, h)
+        n_gates = len(layout.modules) * layout.modules[0].rank
+        self.router_in = nn.Linear(config.embed_dim, hidden)
+        self.router_out = nn.Linear(hidden, n_gates)
+        with torch.no_grad():  # gates start at exactly 1: the untrained generator is its anchor
+            self.router_out.weight.zero_()
+            self.router_out.bias.zero_()
+
+    def gates(self, condition: Tensor) -> Tensor:
+        """(B, N, L, C) prompt-token embeddings -> (B, modules * rank) gains."""
+        hidden = torch.nn.functional.gelu(self.router_in(mean_prompt_embedding(condition.float())))  # (B, H)
+        return 1 + self.router_out(hidden)                                                          # (B, M r)
+
+    def apply_gates(self, gates: Tensor) -> Tensor:
+        """(B, M r) gains -> (B, T, h, w) LoRA grids (the shared LoRA, A's rows scaled)."""
+        extended = torch.cat([gates, gates.new_ones(gates.shape[0], 1)], dim=-1)  # (B, M r + 1)
+        per_row = extended[:, self.gate_index]                                    # (B, T, h)
+        return self.lora * per_row[..., None] * self.mask                         # (B, T, h, w)
+
+    def forward(self, condition: Tensor, anchor: Tensor | None = None) -> Tensor:
+        if anchor is not None:
+            raise ValueError("the rank-gated head has no retrieved anchor")
+        return self.apply_gates(self.gates(condition))
+
+    def weights(self, groups: Tensor, anchor: Tensor | None = None) -> Tensor:
+        """Prompt groups (G, N, L, C) -> one LoRA grid (T, h, w): the groups' gates averaged (the grid
+        is linear in the gates, so this equals averaging the weights)."""
+        if anchor is not None:
+            raise ValueError("the rank-gated head has no retrieved anchor")
+        return self.apply_gates(self.gates(groups).mean(dim=0, keepdim=True))[0]
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -319,7 +406,7 @@ def generate_weights(generator: SFTGenerator, condition: Tensor, anchor: Tensor 
     generator.eval()
     device = next(generator.parameters()).device
     groups = group_prompts(condition, generator.config.n_prompts).to(device)  # (G, N, L, C)
-    return generator.head(generator.decoder(groups).mean(dim=0), anchor).float().cpu()  # (T, h, w)
+    return generator.weights(groups, anchor).float().cpu()  # (T, h, w)
 
 
 @torch.no_grad()

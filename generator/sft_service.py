@@ -34,6 +34,8 @@ SERVICE_VERSION = "dnd-sft-service/1"
 SOURCE_FILES = ("sft.py", "sft_service.py", "dnd.py", "tokenizer.py", "condition.py")
 DECODER_PREFIX = "decoder."
 HEAD_PREFIX = "head."
+GATED_PREFIX = "gated."  # the rank-gated head's shared LoRA and router (``generator.sft.RankGatedGenerator``)
+HEADS = ("residual", "gated")
 
 DEFAULT_SFT_STEPS = 500
 DEFAULT_SFT_LR = 1e-3
@@ -86,7 +88,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
                   anchor: str | None = None, items_per_task: int = DEFAULT_ITEMS_PER_TASK, max_length: int = 160,
                   seed: int = 0, save_every: int = 50, grad_clip: float = 1.0, precision: str | None = None,
                   base_model: str | None = None, recon_weight: float = 0.0, contrast_weight: float = 0.0,
-                  retrieved_anchor_k: int = 0, **decoder_options):
+                  retrieved_anchor_k: int = 0, head: str = "residual", **decoder_options):
     """Train the DnD decoder through the frozen base (``generator.sft``) and store it (``ArtifactInfo``).
 
     ``batch_size`` is the number of tasks per step, each with ``items_per_task`` items; ``anchor`` a
@@ -96,14 +98,16 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     ``contrast_weight`` > 0 adds the condition-sensitivity hinge (``generator.sft.contrast_hinge``).
     ``retrieved_anchor_k`` > 0 (no ``anchor`` then): each generated LoRA starts from the fusion of the
     k training adapters nearest to its prompts (``generator.sft.nearest_pool``; the pool is each
-    harvested training task's latest adapter, a task never retrieving itself in training)."""
+    harvested training task's latest adapter, a task never retrieving itself in training).
+    ``head`` "gated" replaces the decoder + residual head by ``generator.sft.RankGatedGenerator``: the
+    anchor LoRA trained on every task, its rank components scaled by gains read from the prompts."""
 
     import torch
 
     from generator.dnd import DnDConfig, DnDDecoder
     from generator.dnd_service import _encoder_for, _embed_prompts
-    from generator.sft import (ResidualHead, SFTGenerator, SFTTask, fused_anchor, nearest_pool, pool_centroids,
-                               train_sft)
+    from generator.sft import (RankGatedGenerator, ResidualHead, SFTGenerator, SFTTask, fused_anchor, nearest_pool,
+                               pool_centroids, train_sft)
     from generator.tokenizer import layout_from_state_dict, stack_token_grids, state_dict_to_tokens
     from generator.training import resolve_device
     from registry.lm import encode_example, use_training_attention
@@ -121,6 +125,11 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         raise GeneratorError("the SFT objective needs the training tasks' items (prompt, answer pairs)")
     if retrieved_anchor_k < 0 or (retrieved_anchor_k and anchor is not None):
         raise GeneratorError("a retrieved anchor takes k >= 1 adapters and no fixed --anchor REF")
+    if head not in HEADS:
+        raise GeneratorError(f"unknown SFT head {head!r} (one of {', '.join(HEADS)})")
+    if head == "gated" and (retrieved_anchor_k or recon_weight or set(decoder_options) - {"prompt_tokens"}):
+        raise GeneratorError("the gated head takes a fixed anchor only: no retrieved anchor, reconstruction "
+                             "term or decoder options")
     excluded = set(exclude_tasks)
     task_items = {t: list(v) for t, v in sorted(task_items.items()) if t not in excluded and (tasks is None or t in tasks)}
     empty = [t for t, items in task_items.items() if len(items) < items_per_task]
@@ -185,6 +194,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         settings["contrast_weight"] = contrast_weight  # (likewise)
     if retrieved_anchor_k:
         settings["retrieved_anchor_k"] = retrieved_anchor_k  # (likewise)
+    if head != "residual":
+        settings["head"] = head  # (likewise)
     fingerprint = sha256_json({"items": _items_digest(task_items), "layout": layout.fingerprint,
                                "anchor": anchor_info.digest if anchor_info else _pool_digest(data, pool),
                                "config": decoder_config.to_dict(),
@@ -198,7 +209,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         if info is not None:
             return info
         generator, state, record = model_and_state(
-            work, lambda: SFTGenerator(DnDDecoder(decoder_config), ResidualHead(layout, anchor_tokens, seed=seed)),
+            work, lambda: (RankGatedGenerator(layout, decoder_config, anchor_tokens, seed=seed) if head == "gated" else
+                           SFTGenerator(DnDDecoder(decoder_config), ResidualHead(layout, anchor_tokens, seed=seed))),
             seed, steps)
         wall_before = float(record.get("wall_time_s", 0.0)) if record else 0.0
         resumed_from = state.step
@@ -221,8 +233,10 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
                 **settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
                 "device": str(device), "fingerprint": fingerprint, "precision": precision}),
             "objective": "both" if recon_weight else "sft",
-            "parametrisation": ("fusion of the k nearest training adapters + gate * scale * decoder" if pool
+            "parametrisation": ("shared LoRA B diag(g(prompts)) A, started from the anchor" if head == "gated" else
+                                "fusion of the k nearest training adapters + gate * scale * decoder" if pool
                                 else "anchor + gate * scale * decoder"),
+            "head": head,
             "anchor": anchor_info.ref if anchor_info else ("retrieved" if pool else None),
             **({"anchor_pool": pool[0], "anchor_k": retrieved_anchor_k} if pool else {}),
             "items_per_task": {t: len(v) for t, v in task_items.items()},
@@ -231,11 +245,14 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
             "prompt_tokens": decoder_config.prompt_tokens,
             "n_prompts": n_prompts,
             "wall_time_s": round(wall_time, 3),
-            "decoder_parameters": generator.decoder.num_parameters(),
-            "gate": float(generator.head.gate.detach()),
+            "decoder_parameters": generator.num_parameters(),
         }
-        tensors = {f"{DECODER_PREFIX}{k}": v for k, v in generator.decoder.state_dict().items()}
-        tensors |= {f"{HEAD_PREFIX}{k}": v for k, v in generator.head.state_dict().items()}
+        if head == "gated":
+            tensors = {f"{GATED_PREFIX}{k}": v for k, v in generator.state_dict().items()}
+        else:
+            meta["gate"] = float(generator.head.gate.detach())
+            tensors = {f"{DECODER_PREFIX}{k}": v for k, v in generator.decoder.state_dict().items()}
+            tensors |= {f"{HEAD_PREFIX}{k}": v for k, v in generator.head.state_dict().items()}
         if centroids is not None:
             tensors[POOL_CENTROIDS] = centroids.contiguous()  # (N, C), rows in anchor_pool's order
         status("storing the generator")
@@ -249,10 +266,20 @@ def build_dnd_sft(info, tensors: Mapping, device) -> LoadedGenerator:
     import torch
 
     from generator.dnd import DnDConfig, DnDDecoder
-    from generator.sft import ResidualHead, SFTGenerator
+    from generator.sft import RankGatedGenerator, ResidualHead, SFTGenerator
     from generator.training import check_layout
 
     layout = checked_layout(info, ARTIFACT_FORMAT)
+    if info.meta.get("head", "residual") == "gated":
+        try:
+            generator = RankGatedGenerator(layout, DnDConfig.from_dict(info.meta["config"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise GeneratorLayoutError(f"generator {info.ref} is unusable: {err}") from None
+        load_prefixed(generator, tensors, GATED_PREFIX, info, "gated head")
+        check_peft_layout(info, layout)
+        return LoadedGenerator(ref=info.ref, sha256=info.sha256, meta=info.meta, model=frozen(generator, device),
+                               layout=layout, normalizer=None, device=torch.device(device), task_vectors=None,
+                               arch="dnd-sft")
     decoder = model_for_layout(info, lambda: DnDDecoder(DnDConfig.from_dict(info.meta["config"])), check_layout,
                                layout, "decoder")
     load_prefixed(decoder, tensors, DECODER_PREFIX, info, "decoder")
@@ -323,14 +350,12 @@ def generate_dnd_sft(reg, prompts: list[str], generator_ref, base_model, device,
     sync_device(loaded.device)
     t_embedded = time.perf_counter()
     generator = loaded.model
-    with torch.inference_mode(), autocast(precision, loaded.device):
-        groups = group_prompts(condition.to(loaded.device).float(), generator.config.n_prompts)  # (G, N, L, C)
-        decoded = generator.decoder(groups).mean(dim=0)                                           # (T, h, w)
-    anchor_start = time.perf_counter()
     anchor, anchor_refs = (retrieved_anchor(reg, loaded, vectors) if loaded.task_vectors is not None
                            else (None, []))                                                    # (T, h, w)
-    anchor_s = time.perf_counter() - anchor_start
-    weights = generator.head(decoded.float(), anchor).cpu()                                       # (T, h, w)
+    anchor_s = time.perf_counter() - t_embedded
+    with torch.inference_mode(), autocast(precision, loaded.device):
+        groups = group_prompts(condition.to(loaded.device).float(), generator.config.n_prompts)  # (G, N, L, C)
+        weights = generator.weights(groups, anchor).float().cpu()                                # (T, h, w)
     state_dict = tokens_to_state_dict(weights, loaded.layout)
     t_decoded = time.perf_counter()
     vectors = vectors if pooled and loaded.meta.get("encoder") == reg.encoder_id else None
