@@ -268,6 +268,17 @@ def mean_prompt_embedding(condition: Tensor) -> Tensor:
     return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)                 # (B, C)
 
 
+def embedding_standardiser(conditions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The training tasks' prompt-token embeddings (each (P_i, L, C)) -> (centre (C,), spread ()):
+    the mean of their mean prompt embeddings and the RMS distance of those means to it. Sentence
+    embeddings of different tasks share a large common direction (cosine ~0.9), so the router reads
+    ``(e - centre) / spread``, where tasks differ by about one unit."""
+    means = torch.cat([mean_prompt_embedding(c.float()[None]) for c in conditions])  # (N, C)
+    centre = means.mean(dim=0)                                                      # (C,)
+    spread = (means - centre).pow(2).sum(dim=-1).mean().sqrt().clamp(min=1e-6)       # ()
+    return centre, spread
+
+
 class RankGatedGenerator(nn.Module):
     """W(c) = B diag(g(c)) A per module: one trained LoRA shared by every task, whose rank
     components are scaled by gates ``g = 1 + MLP(mean prompt embedding)``.
@@ -275,7 +286,8 @@ class RankGatedGenerator(nn.Module):
     Why this output space: the residual head's decoder writes a whole weight grid (millions of
     numbers) from a few dozen training tasks and learns one mean answer for all of them (bench v2:
     own prompts = another task's = random strings). Here the prompts choose only ``modules x rank``
-    gains (1,680 on SmolLM2 at rank 8) over a LoRA that is itself trained on every task, starting
+    gains (1,680 on SmolLM2 at rank 8), read from the standardised mean prompt embedding
+    (``embedding_standardiser``), over a LoRA that is itself trained on every task, starting
     from the multitask LoRA (``anchor``); the last layer of the MLP starts at zero, so the untrained
     generator *is* the anchor, and a gate that ignores the prompts is exactly a further-trained
     multitask LoRA (what the bench's controls tell apart). Gating A's row ``j`` scales the rank-1
@@ -283,7 +295,8 @@ class RankGatedGenerator(nn.Module):
     skill inventory (Polytropon), with the router reading the prompts instead of a task id.
     """
 
-    def __init__(self, layout: LoraLayout, config, anchor: Tensor | None = None, hidden: int = 64, seed: int = 0):
+    def __init__(self, layout: LoraLayout, config, anchor: Tensor | None = None, hidden: int = 64, seed: int = 0,
+                 standardiser: tuple[Tensor, Tensor] | None = None):
         super().__init__()
         if len({m.rank for m in layout.modules}) != 1:
             raise ValueError("the rank-gated head needs one rank for every module")
@@ -294,6 +307,9 @@ class RankGatedGenerator(nn.Module):
         self.lora = nn.Parameter(anchor.clone())                          # (T, h, w) the shared A and B^T
         self.register_buffer("mask", token_mask(layout).float())          # (T, h, w)
         self.register_buffer("gate_index", rank_gate_index(layout))       # (T, h)
+        centre, spread = standardiser or (torch.zeros(config.embed_dim), torch.tensor(1.0))
+        self.register_buffer("centre", centre.detach().float().clone())   # (C,) see embedding_standardiser
+        self.register_buffer("spread", spread.detach().float().clone())   # ()
         n_gates = len(layout.modules) * layout.modules[0].rank
         self.router_in = nn.Linear(config.embed_dim, hidden)
         self.router_out = nn.Linear(hidden, n_gates)
@@ -303,7 +319,8 @@ class RankGatedGenerator(nn.Module):
 
     def gates(self, condition: Tensor) -> Tensor:
         """(B, N, L, C) prompt-token embeddings -> (B, modules * rank) gains."""
-        hidden = torch.nn.functional.gelu(self.router_in(mean_prompt_embedding(condition.float())))  # (B, H)
+        standard = (mean_prompt_embedding(condition.float()) - self.centre) / self.spread          # (B, C)
+        hidden = torch.nn.functional.gelu(self.router_in(standard))                                 # (B, H)
         return 1 + self.router_out(hidden)                                                          # (B, M r)
 
     def apply_gates(self, gates: Tensor) -> Tensor:

@@ -106,8 +106,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
 
     from generator.dnd import DnDConfig, DnDDecoder
     from generator.dnd_service import _encoder_for, _embed_prompts
-    from generator.sft import (RankGatedGenerator, ResidualHead, SFTGenerator, SFTTask, fused_anchor, nearest_pool,
-                               pool_centroids, train_sft)
+    from generator.sft import (RankGatedGenerator, ResidualHead, SFTGenerator, SFTTask, embedding_standardiser,
+                               fused_anchor, nearest_pool, pool_centroids, train_sft)
     from generator.tokenizer import layout_from_state_dict, stack_token_grids, state_dict_to_tokens
     from generator.training import resolve_device
     from registry.lm import encode_example, use_training_attention
@@ -196,6 +196,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         settings["retrieved_anchor_k"] = retrieved_anchor_k  # (likewise)
     if head != "residual":
         settings["head"] = head  # (likewise)
+        settings["router_input"] = "standardised"  # the router reads (e - centre) / spread (a first try did not)
     fingerprint = sha256_json({"items": _items_digest(task_items), "layout": layout.fingerprint,
                                "anchor": anchor_info.digest if anchor_info else _pool_digest(data, pool),
                                "config": decoder_config.to_dict(),
@@ -209,7 +210,9 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         if info is not None:
             return info
         generator, state, record = model_and_state(
-            work, lambda: (RankGatedGenerator(layout, decoder_config, anchor_tokens, seed=seed) if head == "gated" else
+            work, lambda: (RankGatedGenerator(layout, decoder_config, anchor_tokens, seed=seed,
+                                              standardiser=embedding_standardiser([t.condition for t in sft_tasks]))
+                           if head == "gated" else
                            SFTGenerator(DnDDecoder(decoder_config), ResidualHead(layout, anchor_tokens, seed=seed))),
             seed, steps)
         wall_before = float(record.get("wall_time_s", 0.0)) if record else 0.0

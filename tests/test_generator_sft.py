@@ -337,3 +337,13 @@ def test_train_generator_sft_with_the_gated_head(cli, registry_home, tiny_base_d
     assert code != 0 and "--head gated applies to" in err and "Traceback" not in err
     code, _, err = cli("train-generator", "--objective", "sft", "--head", "wide", *tasks, *tiny)
     assert code != 0 and "--head must be residual or gated" in err and "Traceback" not in err
+
+
+def test_embedding_standardiser_puts_task_means_about_one_unit_apart(setting):
+    from generator.sft import embedding_standardiser, mean_prompt_embedding
+
+    conditions = [t.condition + 5.0 for t in setting["tasks"].values()]  # a large shared offset
+    centre, spread = embedding_standardiser(conditions)
+    standard = [(mean_prompt_embedding(c[None]) - centre) / spread for c in conditions]  # each (1, C)
+    assert float((standard[0] + standard[1]).abs().max()) < 1e-5  # two tasks: symmetric about the centre
+    assert float(standard[0].norm()) == pytest.approx(1.0, rel=1e-4)
