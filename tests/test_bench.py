@@ -127,6 +127,8 @@ def test_bench_user_task_file_held_out_without_harvest(harvested, tmp_path, cli,
     (["--tasks", "add_sub,gcd"], "tasks without a finished harvest: gcd"),
     (["--sft-anchor-k", "0"], "--sft-anchor-k must be >= 1"),
     (["--sft-contrast", "-1"], "--sft-contrast must be >= 0"),
+    (["--sft-head", "wide"], "--sft-head must be residual or gated"),
+    (["--sft-head", "gated", "--sft-anchor-k", "2"], "--sft-head gated starts from the multitask LoRA"),
 ])
 def test_bench_bad_input_is_one_line_and_writes_nothing(harvested, tmp_path, cli, args, message):
     out = tmp_path / "r"
