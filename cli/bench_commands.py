@@ -95,8 +95,10 @@ def bench(
             raise RegistryError("--sft-contrast must be >= 0")
         settings.sft_options["contrast_weight"] = sft_contrast
     if sft_head is not None:
-        if sft_head not in ("residual", "gated"):
-            raise RegistryError(f"--sft-head must be residual or gated, not {sft_head!r}")
+        from generator.sft_service import HEADS
+
+        if sft_head not in HEADS:
+            raise RegistryError(f"--sft-head must be {' or '.join(HEADS)}, not {sft_head!r}")
         if sft_head == "gated" and sft_anchor_k is not None:
             raise RegistryError("--sft-head gated starts from the multitask LoRA: no --sft-anchor-k")
         settings.sft_options["head"] = sft_head

@@ -85,8 +85,10 @@ def train_generator(
         raise RegistryError("--contrast-weight applies to --objective sft or both only")
     if anchor_k is not None and (objective not in ("sft", "both") or anchor != "retrieved"):
         raise RegistryError("--anchor-k applies to --objective sft with --anchor retrieved only")
-    if head not in ("residual", "gated"):
-        raise RegistryError(f"--head must be residual or gated, not {head!r}")
+    from generator.sft_service import HEADS
+
+    if head not in HEADS:
+        raise RegistryError(f"--head must be {' or '.join(HEADS)}, not {head!r}")
     if head == "gated" and (objective != "sft" or anchor == "retrieved"):
         raise RegistryError("--head gated applies to --objective sft with a fixed anchor (multitask, none or a REF)")
     if arch == "cvae":
