@@ -58,6 +58,8 @@ def bench(
     sft_anchor_k: Annotated[Optional[int], typer.Option("--sft-anchor-k", help="The SFT generator starts each adapter from the fusion of the k training adapters nearest to the prompts (train-generator --anchor retrieved) instead of the multitask LoRA.")] = None,
     sft_contrast: Annotated[Optional[float], typer.Option("--sft-contrast", help="Weight of the SFT generator's condition-sensitivity hinge (train-generator --contrast-weight; default 0).")] = None,
     sft_head: Annotated[Optional[str], typer.Option("--sft-head", help="The SFT generator's head: residual (default) or gated (train-generator --head gated).")] = None,
+    sft_tasks_per_step: Annotated[Optional[int], typer.Option("--sft-tasks-per-step", help="Tasks drawn per SFT step, each with its own generated LoRA (train-generator --batch-size; default 2).")] = None,
+    sft_items_per_task: Annotated[Optional[int], typer.Option("--sft-items-per-task", help="Train items per drawn task per SFT step (train-generator --items-per-task; default 4).")] = None,
     multitask_steps: Annotated[Optional[int], typer.Option("--multitask-steps", help="Steps of the multitask LoRA (default: one harvest's, from the training tasks' recipe).")] = None,
     min_gain: Annotated[float, typer.Option("--min-gain", help="Hold out only tasks whose own stored harvest beats the base by this much (benchmarks/zoo_report.py stores the evaluations).")] = 0.15,
     n_prompts: Annotated[int, typer.Option("--n-prompts", help="Train prompts given to the generators and used as the retrieval query.")] = 32,
@@ -94,6 +96,12 @@ def bench(
         if sft_contrast < 0:
             raise RegistryError("--sft-contrast must be >= 0")
         settings.sft_options["contrast_weight"] = sft_contrast
+    for option, key, value in (("--sft-tasks-per-step", "batch_size", sft_tasks_per_step),
+                               ("--sft-items-per-task", "items_per_task", sft_items_per_task)):
+        if value is not None:
+            if value < 1:
+                raise RegistryError(f"{option} must be >= 1")
+            settings.sft_options[key] = value
     if sft_head is not None:
         from generator.sft_service import HEADS
 

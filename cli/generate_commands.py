@@ -22,7 +22,6 @@ CVAE_CLI_OPTIONS = {"latent_dim": "--latent-dim", "positions": "--positions", "f
                     "center": "--center", "max_length": "--max-length"}
 
 
-DEFAULT_ANCHOR_K = 3  # --anchor retrieved: adapters fused, as `registry compose -k 3`
 
 
 def _seconds(value: float) -> str:
@@ -85,7 +84,7 @@ def train_generator(
         raise RegistryError("--contrast-weight applies to --objective sft or both only")
     if anchor_k is not None and (objective not in ("sft", "both") or anchor != "retrieved"):
         raise RegistryError("--anchor-k applies to --objective sft with --anchor retrieved only")
-    from generator.sft_service import HEADS
+    from generator.sft_service import DEFAULT_ANCHOR_K, HEADS
 
     if head not in HEADS:
         raise RegistryError(f"--head must be {' or '.join(HEADS)}, not {head!r}")

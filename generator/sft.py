@@ -336,16 +336,19 @@ class RankGatedGenerator(nn.Module):
         per_row = extended[:, self.gate_index]                                    # (B, T, h)
         return self.lora * per_row[..., None] * self.mask                         # (B, T, h, w)
 
-    def forward(self, condition: Tensor, anchor: Tensor | None = None) -> Tensor:
+    @staticmethod
+    def _refuse_anchor(anchor: Tensor | None) -> None:
         if anchor is not None:
             raise ValueError("the rank-gated head has no retrieved anchor")
+
+    def forward(self, condition: Tensor, anchor: Tensor | None = None) -> Tensor:
+        self._refuse_anchor(anchor)
         return self.apply_gates(self.gates(condition))
 
     def weights(self, groups: Tensor, anchor: Tensor | None = None) -> Tensor:
         """Prompt groups (G, N, L, C) -> one LoRA grid (T, h, w): the groups' gates averaged (the grid
         is linear in the gates, so this equals averaging the weights)."""
-        if anchor is not None:
-            raise ValueError("the rank-gated head has no retrieved anchor")
+        self._refuse_anchor(anchor)
         return self.apply_gates(self.gates(groups).mean(dim=0, keepdim=True))[0]
 
     def num_parameters(self) -> int:

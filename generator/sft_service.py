@@ -41,6 +41,7 @@ DEFAULT_SFT_STEPS = 500
 DEFAULT_SFT_LR = 1e-3
 DEFAULT_TASKS_PER_STEP = 2
 DEFAULT_ITEMS_PER_TASK = 4
+DEFAULT_ANCHOR_K = 3  # --anchor retrieved: adapters fused, as `registry compose -k 3`
 POOL_CENTROIDS = "pool.centroids"  # a retrieved-anchor generator's (N, C) prompt centroids of its pool
 DECODER_OPTIONS = ("prompt_tokens", "n_layers", "kernel", "hidden_tokens", "shapes")
 

@@ -128,6 +128,8 @@ def test_bench_user_task_file_held_out_without_harvest(harvested, tmp_path, cli,
     (["--sft-anchor-k", "0"], "--sft-anchor-k must be >= 1"),
     (["--sft-contrast", "-1"], "--sft-contrast must be >= 0"),
     (["--sft-head", "wide"], "--sft-head must be residual or gated"),
+    (["--sft-tasks-per-step", "0"], "--sft-tasks-per-step must be >= 1"),
+    (["--sft-items-per-task", "0"], "--sft-items-per-task must be >= 1"),
     (["--sft-head", "gated", "--sft-anchor-k", "2"], "--sft-head gated starts from the multitask LoRA"),
 ])
 def test_bench_bad_input_is_one_line_and_writes_nothing(harvested, tmp_path, cli, args, message):
