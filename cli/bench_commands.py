@@ -57,7 +57,7 @@ def bench(
     best_other_max: Annotated[Optional[int], typer.Option("--best-other-max", help="Training adapters tried for best_other (family first, then nearest).")] = None,
     sft_anchor_k: Annotated[Optional[int], typer.Option("--sft-anchor-k", help="The SFT generator starts each adapter from the fusion of the k training adapters nearest to the prompts (train-generator --anchor retrieved) instead of the multitask LoRA.")] = None,
     sft_contrast: Annotated[Optional[float], typer.Option("--sft-contrast", help="Weight of the SFT generator's condition-sensitivity hinge (train-generator --contrast-weight; default 0).")] = None,
-    sft_head: Annotated[Optional[str], typer.Option("--sft-head", help="The SFT generator's head: residual (default) or gated (train-generator --head gated).")] = None,
+    sft_head: Annotated[Optional[str], typer.Option("--sft-head", help="The SFT generator's head: residual (default), gated or routed (train-generator --head).")] = None,
     sft_tasks_per_step: Annotated[Optional[int], typer.Option("--sft-tasks-per-step", help="Tasks drawn per SFT step, each with its own generated LoRA (train-generator --batch-size; default 2).")] = None,
     sft_items_per_task: Annotated[Optional[int], typer.Option("--sft-items-per-task", help="Train items per drawn task per SFT step (train-generator --items-per-task; default 4).")] = None,
     multitask_steps: Annotated[Optional[int], typer.Option("--multitask-steps", help="Steps of the multitask LoRA (default: one harvest's, from the training tasks' recipe).")] = None,
@@ -103,12 +103,12 @@ def bench(
                 raise RegistryError(f"{option} must be >= 1")
             settings.sft_options[key] = value
     if sft_head is not None:
-        from generator.sft_service import HEADS
+        from generator.sft_service import GATED_HEADS, HEADS
 
         if sft_head not in HEADS:
-            raise RegistryError(f"--sft-head must be {' or '.join(HEADS)}, not {sft_head!r}")
-        if sft_head == "gated" and sft_anchor_k is not None:
-            raise RegistryError("--sft-head gated starts from the multitask LoRA: no --sft-anchor-k")
+            raise RegistryError(f"--sft-head must be one of {', '.join(HEADS)}, not {sft_head!r}")
+        if sft_head in GATED_HEADS and sft_anchor_k is not None:
+            raise RegistryError(f"--sft-head {sft_head} starts from the multitask LoRA: no --sft-anchor-k")
         settings.sft_options["head"] = sft_head
     with open_registry(home) as reg:
         paths = _run(reg, settings, out)

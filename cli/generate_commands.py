@@ -39,7 +39,7 @@ def train_generator(
     anchor: Annotated[str, typer.Option(help="sft: the adapter the generated LoRA starts from: multitask (trained on the same tasks first if missing), retrieved (the fusion of the --anchor-k training adapters nearest to the prompts), none (random A, B = 0) or a REF.")] = "multitask",
     anchor_k: Annotated[Optional[int], typer.Option("--anchor-k", help="sft with --anchor retrieved: training adapters fused into the anchor (default 3).")] = None,
     items_per_task: Annotated[int, typer.Option("--items-per-task", help="sft: train items per task per step.")] = 4,
-    head: Annotated[str, typer.Option(help="sft: residual (anchor + the hyper-convolutional decoder's residual) or gated (the anchor LoRA trained on every task, its rank components scaled by gains the prompts choose).")] = "residual",
+    head: Annotated[str, typer.Option(help="sft: residual (anchor + the hyper-convolutional decoder's residual) gated (the anchor LoRA trained on every task, its rank components scaled by gains an MLP reads from the prompts) or routed (those gains a similarity-weighted mix of one learned gain vector per training task).")] = "residual",
     steps: Annotated[int, typer.Option(help="Training steps (a rerun with more steps continues).")] = 2000,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Pairs per step: (checkpoint, N prompts) for dnd (default 8), (checkpoint, task vector) for cvae (default 4).")] = None,
@@ -84,12 +84,12 @@ def train_generator(
         raise RegistryError("--contrast-weight applies to --objective sft or both only")
     if anchor_k is not None and (objective not in ("sft", "both") or anchor != "retrieved"):
         raise RegistryError("--anchor-k applies to --objective sft with --anchor retrieved only")
-    from generator.sft_service import DEFAULT_ANCHOR_K, HEADS
+    from generator.sft_service import DEFAULT_ANCHOR_K, GATED_HEADS, HEADS
 
     if head not in HEADS:
-        raise RegistryError(f"--head must be {' or '.join(HEADS)}, not {head!r}")
-    if head == "gated" and (objective != "sft" or anchor == "retrieved"):
-        raise RegistryError("--head gated applies to --objective sft with a fixed anchor (multitask, none or a REF)")
+        raise RegistryError(f"--head must be one of {', '.join(HEADS)}, not {head!r}")
+    if head in GATED_HEADS and (objective != "sft" or anchor == "retrieved"):
+        raise RegistryError(f"--head {head} applies to --objective sft with a fixed anchor (multitask, none or a REF)")
     if arch == "cvae":
         options = {**given, "seed": seed, "save_every": save_every, "base_model": base_model}
     elif objective in ("sft", "both"):
@@ -102,7 +102,7 @@ def train_generator(
             options["recon_weight"] = recon_weight
         if contrast_weight is not None:
             options["contrast_weight"] = contrast_weight
-        if head == "gated":  # no decoder: only the condition's shape is kept
+        if head in GATED_HEADS:  # no decoder: only the condition's shape is kept
             options = {k: v for k, v in options.items() if k not in ("n_layers", "kernel", "hidden_tokens")}
             options["head"] = head
         if anchor == "retrieved":

@@ -35,7 +35,8 @@ SOURCE_FILES = ("sft.py", "sft_service.py", "dnd.py", "tokenizer.py", "condition
 DECODER_PREFIX = "decoder."
 HEAD_PREFIX = "head."
 GATED_PREFIX = "gated."  # the rank-gated head's shared LoRA and router (``generator.sft.RankGatedGenerator``)
-HEADS = ("residual", "gated")
+HEADS = ("residual", "gated", "routed")  # routed: the gated head with the retrieval router
+GATED_HEADS = ("gated", "routed")
 
 DEFAULT_SFT_STEPS = 500
 DEFAULT_SFT_LR = 1e-3
@@ -107,8 +108,9 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
 
     from generator.dnd import DnDConfig, DnDDecoder
     from generator.dnd_service import _encoder_for, _embed_prompts
-    from generator.sft import (RankGatedGenerator, ResidualHead, SFTGenerator, SFTTask, embedding_standardiser,
-                               fused_anchor, nearest_pool, pool_centroids, train_sft)
+    from generator.sft import (DEFAULT_ROUTER_TEMPERATURE, RankGatedGenerator, ResidualHead, SFTGenerator, SFTTask,
+                               embedding_standardiser, fused_anchor, nearest_pool, pool_centroids, router_keys,
+                               train_sft)
     from generator.tokenizer import layout_from_state_dict, stack_token_grids, state_dict_to_tokens
     from generator.training import resolve_device
     from registry.lm import encode_example, use_training_attention
@@ -128,8 +130,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         raise GeneratorError("a retrieved anchor takes k >= 1 adapters and no fixed --anchor REF")
     if head not in HEADS:
         raise GeneratorError(f"unknown SFT head {head!r} (one of {', '.join(HEADS)})")
-    if head == "gated" and (retrieved_anchor_k or recon_weight or set(decoder_options) - {"prompt_tokens"}):
-        raise GeneratorError("the gated head takes a fixed anchor only: no retrieved anchor, reconstruction "
+    if head in GATED_HEADS and (retrieved_anchor_k or recon_weight or set(decoder_options) - {"prompt_tokens"}):
+        raise GeneratorError(f"the {head} head takes a fixed anchor only: no retrieved anchor, reconstruction "
                              "term or decoder options")
     excluded = set(exclude_tasks)
     task_items = {t: list(v) for t, v in sorted(task_items.items()) if t not in excluded and (tasks is None or t in tasks)}
@@ -178,14 +180,15 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         pool_vectors = [torch.as_tensor(_embed_prompts(encoder, data.prompts[t], decoder_config.prompt_tokens)[1])
                         for t in pool[0]]  # each (P_t, C) sentence embeddings
         centroids = pool_centroids(pool_vectors)  # (N, C)
-    for task, items in task_items.items():
+    for index, (task, items) in enumerate(task_items.items()):
         condition, vectors = _embed_prompts(encoder, [p for p, _ in items], decoder_config.prompt_tokens)  # (P, L, C)
         examples = [encode_example(tokenizer, p, a, max_length) for p, a in items]
         task_anchor = None
         if pool is not None:
             own = list(pool[0]).index(task) if task in pool[0] else None
             task_anchor = fused_anchor(pool[1][nearest_pool(torch.as_tensor(vectors), centroids, retrieved_anchor_k, own)])
-        sft_tasks.append(SFTTask(task, condition.float().cpu(), examples, targets.get(task), task_anchor))
+        sft_tasks.append(SFTTask(task, condition.float().cpu(), examples, targets.get(task), task_anchor,
+                                 key_index=index if head == "routed" else None))
 
     settings = {"lr": lr, "tasks_per_step": batch_size, "items_per_task": items_per_task, "seed": seed,
                 "grad_clip": grad_clip, "max_length": max_length}
@@ -198,6 +201,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     if head != "residual":
         settings["head"] = head  # (likewise)
         settings["router_input"] = "standardised"  # the router reads (e - centre) / spread (a first try did not)
+    if head == "routed":
+        settings["router_temperature"] = DEFAULT_ROUTER_TEMPERATURE
     fingerprint = sha256_json({"items": _items_digest(task_items), "layout": layout.fingerprint,
                                "anchor": anchor_info.digest if anchor_info else _pool_digest(data, pool),
                                "config": decoder_config.to_dict(),
@@ -212,8 +217,9 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
             return info
         generator, state, record = model_and_state(
             work, lambda: (RankGatedGenerator(layout, decoder_config, anchor_tokens, seed=seed,
-                                              standardiser=embedding_standardiser([t.condition for t in sft_tasks]))
-                           if head == "gated" else
+                                              standardiser=embedding_standardiser([t.condition for t in sft_tasks]),
+                                              keys=router_keys([t.condition for t in sft_tasks]) if head == "routed" else None)
+                           if head in GATED_HEADS else
                            SFTGenerator(DnDDecoder(decoder_config), ResidualHead(layout, anchor_tokens, seed=seed))),
             seed, steps)
         wall_before = float(record.get("wall_time_s", 0.0)) if record else 0.0
@@ -237,10 +243,11 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
                 **settings, "steps": steps, "save_every": save_every, "resumed_from": resumed_from,
                 "device": str(device), "fingerprint": fingerprint, "precision": precision}),
             "objective": "both" if recon_weight else "sft",
-            "parametrisation": ("shared LoRA B diag(g(prompts)) A, started from the anchor" if head == "gated" else
+            "parametrisation": ("shared LoRA B diag(g(prompts)) A, started from the anchor" if head in GATED_HEADS else
                                 "fusion of the k nearest training adapters + gate * scale * decoder" if pool
                                 else "anchor + gate * scale * decoder"),
             "head": head,
+            **({"router_tasks": [t.name for t in sft_tasks]} if head == "routed" else {}),
             "anchor": anchor_info.ref if anchor_info else ("retrieved" if pool else None),
             **({"anchor_pool": pool[0], "anchor_k": retrieved_anchor_k} if pool else {}),
             "items_per_task": {t: len(v) for t, v in task_items.items()},
@@ -251,7 +258,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
             "wall_time_s": round(wall_time, 3),
             "decoder_parameters": generator.num_parameters(),
         }
-        if head == "gated":
+        if head in GATED_HEADS:
             tensors = {f"{GATED_PREFIX}{k}": v for k, v in generator.state_dict().items()}
         else:
             meta["gate"] = float(generator.head.gate.detach())
@@ -274,12 +281,15 @@ def build_dnd_sft(info, tensors: Mapping, device) -> LoadedGenerator:
     from generator.training import check_layout
 
     layout = checked_layout(info, ARTIFACT_FORMAT)
-    if info.meta.get("head", "residual") == "gated":
+    if info.meta.get("head", "residual") in GATED_HEADS:
         try:
-            generator = RankGatedGenerator(layout, DnDConfig.from_dict(info.meta["config"]))
+            config = DnDConfig.from_dict(info.meta["config"])
+            keys = (torch.zeros(len(info.meta["router_tasks"]), config.embed_dim)  # (K, C), loaded below
+                    if info.meta["head"] == "routed" else None)
+            generator = RankGatedGenerator(layout, config, keys=keys)
         except (KeyError, TypeError, ValueError) as err:
             raise GeneratorLayoutError(f"generator {info.ref} is unusable: {err}") from None
-        load_prefixed(generator, tensors, GATED_PREFIX, info, "gated head")
+        load_prefixed(generator, tensors, GATED_PREFIX, info, f"{info.meta['head']} head")
         check_peft_layout(info, layout)
         return LoadedGenerator(ref=info.ref, sha256=info.sha256, meta=info.meta, model=frozen(generator, device),
                                layout=layout, normalizer=None, device=torch.device(device), task_vectors=None,

@@ -308,9 +308,71 @@ def test_rank_gated_generator_is_condition_sensitive(setting):
         assert own_loss < other_loss - 0.1, (own, own_loss, other_loss)
 
 
-def test_train_generator_sft_with_the_gated_head(cli, registry_home, tiny_base_dir):
-    """`--head gated`: stored as a generator-dnd-sft artifact with head "gated", and `registry generate`
-    writes a PEFT-loadable adapter; a gated head with a retrieved anchor is refused in one line."""
+def _family_tasks(setting, families: dict[str, str], members: int, seed: int = 0) -> dict[str, SFTTask]:
+    """``members`` tasks per family (name -> answer): one answer per family, each task's condition a
+    cloud around its family's centre plus a task offset, so family members are each other's nearest."""
+    from registry.lm import encode_example
+
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    tasks = {}
+    for family, answer in families.items():
+        centre = torch.randn(8, 32, generator=generator)
+        for i in range(members):
+            offset = centre + 0.3 * torch.randn(8, 32, generator=generator)
+            condition = offset + 0.1 * torch.randn(12, 8, 32, generator=generator)  # (P, L, C)
+            prompts = [f"{rng.randint(0, 99)} plus {rng.randint(0, 9)}" for _ in range(24)]
+            examples = [encode_example(setting["tokenizer"], p, answer, max_length=32) for p in prompts]
+            tasks[f"{family}{i}"] = SFTTask(f"{family}{i}", condition, examples)
+    return tasks
+
+
+def test_retrieval_router_leaves_a_task_out_and_starts_at_its_anchor(setting):
+    from generator.sft import RankGatedGenerator, router_keys
+
+    layout = setting["layout"]
+    anchor = state_dict_to_tokens(setting["state"], layout)                       # (T, h, w)
+    conditions = [t.condition for t in setting["tasks"].values()]
+    generator = RankGatedGenerator(layout, DnDConfig.from_layout(layout, **TINY_DECODER), anchor,
+                                   keys=router_keys(conditions))
+    condition = conditions[0][:4][None]                                          # (1, N, L, C)
+    torch.testing.assert_close(generator(condition)[0], anchor * generator.mask)  # values start at 0: gain 1
+    standard = (generator.keys[:1] - generator.centre) / generator.spread        # task 0's own key
+    assert generator.retrieval_weights(standard)[0, 0] > 0.99                     # nearest to itself...
+    left_out = generator.retrieval_weights(standard, exclude=0)[0]
+    assert left_out[0] == 0 and torch.isclose(left_out.sum(), torch.tensor(1.0))  # ...unless left out
+    with pytest.raises(ValueError, match="tasks >= 2"):
+        RankGatedGenerator(layout, generator.config, keys=router_keys(conditions[:1]))
+
+
+def test_retrieval_router_transfers_to_an_unseen_family_member(setting):
+    """Trained leave-one-out on two families of three tasks, the routed head gives an *unseen* member
+    of each family an adapter better on that member than the other family's unseen member's adapter."""
+    from generator.sft import RankGatedGenerator, router_keys
+
+    torch.manual_seed(0)
+    model, layout = setting["model"], setting["layout"]
+    tasks = _family_tasks(setting, {"yes": "yes", "no": "no"}, members=4)
+    unseen = {"yes": tasks.pop("yes3"), "no": tasks.pop("no3")}
+    training = list(tasks.values())
+    for index, task in enumerate(training):
+        task.key_index = index
+    generator = RankGatedGenerator(layout, DnDConfig.from_layout(layout, **TINY_DECODER), seed=0,
+                                   keys=router_keys([t.condition for t in training]))
+    generator, state = train_sft(generator, model, training, layout, steps=150, scaling=2.0,
+                                 pad_id=setting["pad_id"], lr=1e-2, tasks_per_step=2, items_per_task=6)
+    assert state.losses[-1] < state.losses[0] - 0.3, state.losses[::10]
+    weights = {name: generate_weights(generator, task.condition) for name, task in unseen.items()}
+    for own, other in (("yes", "no"), ("no", "yes")):
+        examples = unseen[own].examples[:12]
+        own_loss = answer_loss_with(model, layout, weights[own], examples, 2.0, setting["pad_id"])
+        other_loss = answer_loss_with(model, layout, weights[other], examples, 2.0, setting["pad_id"])
+        assert own_loss < other_loss - 0.1, (own, own_loss, other_loss)
+
+
+@pytest.mark.parametrize("head", ["gated", "routed"])
+def test_train_generator_sft_with_the_gated_head(cli, registry_home, tiny_base_dir, head):
+    """`--head gated|routed`: stored as a generator-dnd-sft artifact with that head, and `registry
+    generate` writes a PEFT-loadable adapter; a gated head with a retrieved anchor is refused in one line."""
     import json
 
     from harvest.service import harvest_task, resolve_task
@@ -324,19 +386,20 @@ def test_train_generator_sft_with_the_gated_head(cli, registry_home, tiny_base_d
             harvest_task(reg, resolve_task(n), base=str(tiny_base_dir), config=config)
     tiny = ["--n-prompts", "4", "--prompt-tokens", "8", "--steps", "2", "--save-every", "2", "--device", "cpu"]
     tasks = [a for n in names for a in ("--tasks", n)]
-    code, out, err = cli("train-generator", "--objective", "sft", "--head", "gated", *tasks, *tiny, "--json")
+    code, out, err = cli("train-generator", "--objective", "sft", "--head", head, *tasks, *tiny, "--json")
     assert code == 0, err
     trained = json.loads(out)
-    assert trained["meta"]["head"] == "gated" and trained["meta"]["training"]["head"] == "gated"
+    assert trained["meta"]["head"] == head and trained["meta"]["training"]["head"] == head
+    assert trained["meta"].get("router_tasks") == (list(names) if head == "routed" else None)
     assert trained["meta"]["anchor"]  # the multitask LoRA it started from
-    code, out, err = cli("generate", "--task", "add_sub", "--name", "gated-gen", "--generator", trained["ref"], "--json")
+    code, out, err = cli("generate", "--task", "add_sub", "--name", f"{head}-gen", "--generator", trained["ref"], "--json")
     assert code == 0, err
     generated = json.loads(out)
     assert generated["recipe"]["arch"] == "dnd-sft"
-    code, _, err = cli("train-generator", "--objective", "sft", "--head", "gated", "--anchor", "retrieved", *tasks, *tiny)
-    assert code != 0 and "--head gated applies to" in err and "Traceback" not in err
+    code, _, err = cli("train-generator", "--objective", "sft", "--head", head, "--anchor", "retrieved", *tasks, *tiny)
+    assert code != 0 and f"--head {head} applies to" in err and "Traceback" not in err
     code, _, err = cli("train-generator", "--objective", "sft", "--head", "wide", *tasks, *tiny)
-    assert code != 0 and "--head must be residual or gated" in err and "Traceback" not in err
+    assert code != 0 and "--head must be one of residual, gated, routed" in err and "Traceback" not in err
 
 
 def test_embedding_standardiser_puts_task_means_about_one_unit_apart(setting):
