@@ -33,7 +33,7 @@ def train_generator(
     tasks: TasksOption = [],
     exclude_tasks: ExcludeOption = [],
     arch: Annotated[str, typer.Option(help="Generator architecture: dnd (Drag-and-Drop) or cvae (ICM-LoRA).")] = "dnd",
-    objective: Annotated[str, typer.Option(help="dnd: recon (regress harvested weights), sft (train through the base model on the tasks' answers) or both (sft + reconstruction as a regulariser).")] = "recon",
+    objective: Annotated[str, typer.Option(help="recon (regress harvested weights), sft (train through the base model on the tasks' answers; cvae: after --recon-steps of recon) or, dnd only, both (sft + reconstruction as a regulariser).")] = "recon",
     recon_weight: Annotated[Optional[float], typer.Option("--recon-weight", help="both: weight of the reconstruction term (default 0.1).")] = None,
     contrast_weight: Annotated[Optional[float], typer.Option("--contrast-weight", help="sft/both: weight of the condition-sensitivity hinge (each task's items must score better under its own generated LoRA than under another task's; default 0: off).")] = None,
     anchor: Annotated[str, typer.Option(help="sft: the adapter the generated LoRA starts from: multitask (trained on the same tasks first if missing), retrieved (the fusion of the --anchor-k training adapters nearest to the prompts), none (random A, B = 0) or a REF.")] = "multitask",
@@ -41,6 +41,7 @@ def train_generator(
     items_per_task: Annotated[int, typer.Option("--items-per-task", help="sft: train items per task per step.")] = 4,
     head: Annotated[str, typer.Option(help="sft: residual (anchor + the hyper-convolutional decoder's residual) gated (the anchor LoRA trained on every task, its rank components scaled by gains an MLP reads from the prompts) or routed (those gains a similarity-weighted mix of one learned gain vector per training task).")] = "residual",
     steps: Annotated[int, typer.Option(help="Training steps (a rerun with more steps continues).")] = 2000,
+    recon_steps: Annotated[Optional[int], typer.Option("--recon-steps", help="cvae with --objective sft: reconstruction steps before the SFT --steps (default 200).")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Pairs per step: (checkpoint, N prompts) for dnd (default 8), (checkpoint, task vector) for cvae (default 4).")] = None,
     n_prompts: Annotated[int, typer.Option("--n-prompts", help="dnd: N, prompts per condition.")] = 16,
@@ -90,8 +91,17 @@ def train_generator(
         raise RegistryError(f"--head must be one of {', '.join(HEADS)}, not {head!r}")
     if head in GATED_HEADS and (objective != "sft" or anchor == "retrieved"):
         raise RegistryError(f"--head {head} applies to --objective sft with a fixed anchor (multitask, none or a REF)")
+    if arch == "cvae" and (objective == "both" or head != "residual" or contrast_weight is not None
+                           or anchor not in ("multitask", "none")):
+        raise RegistryError("--arch cvae takes --objective recon or sft, with no --head, --anchor or --contrast-weight")
+    if recon_steps is not None and not (arch == "cvae" and objective == "sft"):
+        raise RegistryError("--recon-steps applies to --arch cvae --objective sft only")
     if arch == "cvae":
         options = {**given, "seed": seed, "save_every": save_every, "base_model": base_model}
+        if objective == "sft":
+            options |= dict(n_prompts=n_prompts, items_per_task=items_per_task)
+            if recon_steps is not None:
+                options["recon_steps"] = recon_steps
     elif objective in ("sft", "both"):
         if given or spread_weighting:
             raise RegistryError(f"the CVAE options and --spread-weighting do not apply to --objective {objective}")
@@ -117,7 +127,9 @@ def train_generator(
                        save_every=save_every, base_model=base_model)
     err = console_err()
     with open_registry(home) as reg, progress() as bar:
-        if objective in ("sft", "both"):
+        if arch == "cvae" and objective == "sft":  # the CVAE decodes the whole adapter: no anchor
+            tasks, options["task_items"], _ = _sft_inputs(reg, tasks, exclude_tasks, "none", bar)
+        elif objective in ("sft", "both"):
             tasks, options["task_items"], options["anchor"] = _sft_inputs(reg, tasks, exclude_tasks, anchor, bar)
         task_id = bar.add_task(f"train-generator ({arch}{', ' + objective if objective != 'recon' else ''})", total=steps,
                                status="starting")

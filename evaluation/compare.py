@@ -61,6 +61,7 @@ class BenchSettings:
     generator_batch_size: int = 8
     cvae_steps: int = 300
     cvae_options: dict = field(default_factory=dict)  # CVAE architecture options (tests use tiny ones)
+    cvae_objective: str = "recon"      # sft: cvae_steps of reconstruction, then sft_steps through the base
     sft_steps: int = 500
     sft_options: dict = field(default_factory=dict)   # SFT decoder / training options (tests use tiny ones)
     training_mean_max: int | None = 8
@@ -275,8 +276,10 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
         if _wants(wanted, arch):
             context.generators[arch] = _train_generator(reg, arch, split, training, settings, on_status,
                                                         tasks, context.multitask_ref)
+            how = (f" ({settings.cvae_steps} reconstruction steps, then {settings.sft_steps} through the base model)"
+                   if arch == "cvae" and settings.cvae_objective == "sft" else "")
             context.notes.append(f"[{label}] {arch} generator {context.generators[arch]}: trained on the "
-                                 f"{len(training)} training tasks")
+                                 f"{len(training)} training tasks{how}")
     # Fixed after the multitask harvest, so it (and every other non-training harvest) stays out of the pool.
     all_harvested = {a.task for a in reg.list_adapters(kind="harvested") if a.task}
     context.exclude_from_pool = sorted(all_harvested - set(training))
@@ -298,14 +301,16 @@ def _train_generator(reg, arch: str, split: Split, training: list[str], settings
     on_status(f"{split.protocol}: training the {arch} generator on {len(training)} tasks")
     if arch == "dnd":
         options = dict(batch_size=settings.generator_batch_size, n_prompts=16)
+    elif arch == "cvae" and settings.cvae_objective == "sft":  # the SFT generator's step budget and batches
+        steps = settings.sft_steps
+        sft = {k: v for k, v in settings.sft_options.items() if k in ("batch_size", "items_per_task", "lr")}
+        options = dict(settings.cvae_options, **sft, arch="cvae", objective="sft", recon_steps=settings.cvae_steps,
+                       task_items=_train_items(training, tasks))
     elif arch == "cvae":
         options = dict(settings.cvae_options, arch="cvae")
     else:
-        from harvest.service import resolve_task
-
-        items = {t: [(e.prompt, e.answer) for e in (tasks.get(t) or resolve_task(t)).split("train")] for t in training}
         retrieved = settings.sft_options.get("retrieved_anchor_k")  # a retrieved anchor replaces the multitask one
-        options = dict(settings.sft_options, objective="sft", task_items=items,
+        options = dict(settings.sft_options, objective="sft", task_items=_train_items(training, tasks),
                        anchor=None if retrieved else multitask_ref)
     # held-out tasks without a harvest have nothing to exclude (the training set names only harvests)
     held_harvested = [t for t in split.held_out if reg.list_adapters(kind="harvested", task=t)]
@@ -315,6 +320,13 @@ def _train_generator(reg, arch: str, split: Split, training: list[str], settings
         on_step=lambda step, total, loss: on_status(f"{split.protocol}: {arch} step {step}/{total}, loss {loss:.4f}"),
         **options)
     return artifact.ref
+
+
+def _train_items(training: list[str], tasks: dict) -> dict[str, list[tuple[str, str]]]:
+    """Each training task's train items as (prompt, answer): what the SFT objectives train on."""
+    from harvest.service import resolve_task
+
+    return {t: [(e.prompt, e.answer) for e in (tasks.get(t) or resolve_task(t)).split("train")] for t in training}
 
 
 def _row(reg, out: Path, method: str, task, split: Split, context: _SplitContext, settings: BenchSettings,

@@ -34,7 +34,7 @@ from generator.cvae_service import (CVAE, DEFAULT_CVAE_BATCH_SIZE, regenerate_ad
 from generator.dnd_service import (DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_N_PROMPTS, DEFAULT_SAVE_EVERY,
                                    DEFAULT_STEPS, DND)
 from generator.errors import GeneratorError, GeneratorLayoutError, TrainingStopped
-from generator.sft_service import SFT
+from generator.sft_service import DEFAULT_TASKS_PER_STEP, SFT
 from generator.trainset import TrainingSet, collect_training_set
 from registry.prompts import prompts_sha256
 
@@ -76,7 +76,8 @@ def train_generator_from_registry(
     (the anchor is the fusion of the k nearest training adapters), ``items_per_task`` and
     the decoder options; ``batch_size`` is tasks per step); ``objective="both"`` adds the
     reconstruction regulariser (``recon_weight``, default ``DEFAULT_RECON_WEIGHT``) to it. ``arch="cvae"`` trains the ICM-LoRA CVAE instead (``train_cvae_from_registry``: ``n_prompts``
-    is not used, ``config`` takes the CVAE's options); ``name`` defaults to the arch's name and
+    is not used, ``config`` takes the CVAE's options); with ``objective="sft"`` that CVAE (``recon_steps``)
+    is then fine-tuned through the base model for ``steps`` (``generator.cvae_sft.train_cvae_sft``); ``name`` defaults to the arch's name and
     ``batch_size`` to the arch's default (8 for DnD, 4 for the CVAE).
 
     ``config`` takes decoder options (``prompt_tokens`` L = 64, ``n_layers`` = 4, ``kernel`` = 5,
@@ -90,9 +91,16 @@ def train_generator_from_registry(
     """
     if arch not in ARCHES:
         raise GeneratorError(f"unknown generator architecture {arch!r}: one of {', '.join(ARCHES)}")
-    if objective not in OBJECTIVES or (objective != "recon" and arch != "dnd"):
+    if objective not in OBJECTIVES or (objective == "both" and arch != "dnd"):
         raise GeneratorError(f"unknown objective {objective!r} for {arch}: "
-                             + ("recon, sft or both" if arch == "dnd" else "the CVAE trains by reconstruction (recon)"))
+                             + ("recon, sft or both" if arch == "dnd" else "recon or sft"))
+    if arch == "cvae" and objective == "sft":
+        from generator.cvae_sft import train_cvae_sft
+
+        return train_cvae_sft(reg, name=name or "cvae-sft", tasks=tasks, exclude_tasks=exclude_tasks, steps=steps,
+                              lr=lr, batch_size=DEFAULT_TASKS_PER_STEP if batch_size is None else batch_size,
+                              n_prompts=n_prompts, device=device, on_step=on_step, resume=resume,
+                              on_status=on_status, **config)
     if objective == "both":
         config.setdefault("recon_weight", DEFAULT_RECON_WEIGHT)
     elif "recon_weight" in config and objective != "sft":

@@ -104,6 +104,25 @@ def test_bench_v2_both_protocols_every_method_and_resume(harvested, tmp_path):
         assert len(list((out / "rows").glob("*.json"))) == n_rows + 4
 
 
+def test_bench_cvae_with_the_sft_objective(harvested, tmp_path):
+    """`--cvae-objective sft`: the split's CVAE is trained by reconstruction, then through the base
+    model on the training tasks only, and its rows and controls come from that fine-tuned CVAE."""
+    from evaluation.compare import run_bench
+    from registry.store import Registry
+
+    with Registry.open(harvested) as reg:
+        settings = _settings(methods=["cvae", "cvae_other"], protocols=["variants"], cvae_objective="sft")
+        paths = run_bench(reg, settings, tmp_path / "report", on_status=lambda s: None)
+        report = json.loads(paths["json"].read_text())
+        held_out = report["settings"]["splits"][0]["held_out"]
+        rows = [r for r in report["rows"] if r["method"] == "cvae"]
+        assert len(rows) == len(held_out) and all(r["n"] == 3 for r in rows)
+        generator = reg.resolve_artifact(rows[0]["extra"]["generator"])
+        assert generator.meta["objective"] == "sft" and generator.meta["sft"]["steps"] == settings.sft_steps
+        assert not set(generator.meta["sft_tasks"]) & set(held_out)
+        assert reg.resolve_artifact(generator.meta["fine_tuned_from"]).meta["steps"] == settings.cvae_steps
+
+
 def test_bench_user_task_file_held_out_without_harvest(harvested, tmp_path, cli, monkeypatch):
     from harvest.zoo import export_task
 
@@ -130,6 +149,7 @@ def test_bench_user_task_file_held_out_without_harvest(harvested, tmp_path, cli,
     (["--sft-head", "wide"], "--sft-head must be one of residual, gated, routed"),
     (["--sft-tasks-per-step", "0"], "--sft-tasks-per-step must be >= 1"),
     (["--sft-items-per-task", "0"], "--sft-items-per-task must be >= 1"),
+    (["--cvae-objective", "both"], "--cvae-objective must be recon or sft, not 'both'"),
     (["--sft-head", "gated", "--sft-anchor-k", "2"], "--sft-head gated starts from the multitask LoRA"),
 ])
 def test_bench_bad_input_is_one_line_and_writes_nothing(harvested, tmp_path, cli, args, message):

@@ -175,7 +175,7 @@ def test_train_generator_sft_end_to_end_with_a_multitask_anchor(cli, registry_ho
     with Registry.open(registry_home) as reg:
         path = reg.fetch(generated["ref"])
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_dir), path)  # loads
-    # a rerun finds the stored artifact; a CVAE with --objective sft is refused in one line
+    # a rerun finds the stored artifact; a CVAE with --objective both is refused in one line
     code, out, err = cli("train-generator", "--objective", "sft", "--tasks", "add_sub", "--tasks", "letter_count",
                          *tiny, "--json")
     assert code == 0 and json.loads(out)["ref"] == info["ref"], err
@@ -183,8 +183,8 @@ def test_train_generator_sft_end_to_end_with_a_multitask_anchor(cli, registry_ho
     code, out, err = cli("train-generator", "--steps", "1", "--n-prompts", "4", "--prompt-tokens", "8", "--layers", "2",
                          "--hidden-tokens", "8", "--device", "cpu", "--json")
     assert code == 0 and json.loads(out)["meta"]["tasks"] == ["add_sub", "letter_count"], err
-    code, _, err = cli("train-generator", "--arch", "cvae", "--objective", "sft")
-    assert code != 0 and "the CVAE trains by reconstruction" in err and "Traceback" not in err
+    code, _, err = cli("train-generator", "--arch", "cvae", "--objective", "both")
+    assert code != 0 and "--arch cvae takes --objective recon or sft" in err and "Traceback" not in err
     # objective both: sft plus the reconstruction regulariser, recorded as such
     code, out, err = cli("train-generator", "--objective", "both", "--recon-weight", "0.5", "--tasks", "add_sub",
                          "--tasks", "letter_count", *tiny, "--json")
