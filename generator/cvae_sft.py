@@ -110,7 +110,7 @@ def train_cvae_sft(reg, *, name: str = "cvae-sft", tasks: Sequence[str] | None =
                                         train_cvae_from_registry)
     from generator.errors import GeneratorError
     from generator.sft import SFTTask, train_sft
-    from generator.sft_service import _items_digest, lora_scaling
+    from generator.sft_service import _items_digest, lora_scaling, training_items
     from generator.task_vector import prompt_states
     from generator.training import resolve_device
     from generator.workdir import WorkDir, sha256_json, train_and_store
@@ -126,13 +126,7 @@ def train_cvae_sft(reg, *, name: str = "cvae-sft", tasks: Sequence[str] | None =
                              ">= 1 and lr > 0")
     if not task_items:
         raise GeneratorError("the SFT objective needs the training tasks' items (prompt, answer pairs)")
-    excluded = set(exclude_tasks)
-    task_items = {t: list(v) for t, v in sorted(task_items.items()) if t not in excluded and (tasks is None or t in tasks)}
-    short = [t for t, items in task_items.items() if len(items) < items_per_task]
-    if short:
-        raise GeneratorError(f"tasks with fewer than {items_per_task} train items: {', '.join(short)}")
-    if not task_items:
-        raise GeneratorError("no training task left after --exclude-tasks")
+    task_items = training_items(task_items, tasks, exclude_tasks, items_per_task)
     harvested = [t for t in task_items if reg.list_adapters(kind="harvested", task=t)]
     if not harvested:
         raise GeneratorError("none of the SFT training tasks has a harvested adapter for the reconstruction stage")

@@ -60,6 +60,20 @@ def _items_digest(task_items: Mapping[str, Sequence[tuple[str, str]]]) -> dict[s
             for task, items in sorted(task_items.items())}
 
 
+def training_items(task_items: Mapping, tasks: Sequence[str] | None, exclude_tasks: Sequence[str],
+                   items_per_task: int) -> dict[str, list]:
+    """The SFT training tasks' items, sorted by task: ``tasks`` (None: all) minus ``exclude_tasks``;
+    refuses a task with fewer than ``items_per_task`` items and an empty selection."""
+    excluded = set(exclude_tasks)
+    chosen = {t: list(v) for t, v in sorted(task_items.items()) if t not in excluded and (tasks is None or t in tasks)}
+    short = [t for t, items in chosen.items() if len(items) < items_per_task]
+    if short:
+        raise GeneratorError(f"tasks with fewer than {items_per_task} train items: {', '.join(short)}")
+    if not chosen:
+        raise GeneratorError("no training task left after --exclude-tasks")
+    return chosen
+
+
 def _anchor_pool(data, layout):
     """The retrieved anchor's pool: ``({task: its latest harvested REF}, (N, T, h, w) their token grids)``,
     tasks in sorted order (``data.checkpoints`` holds each task's adapters in (name, version) order)."""
@@ -133,13 +147,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     if head in GATED_HEADS and (retrieved_anchor_k or recon_weight or set(decoder_options) - {"prompt_tokens"}):
         raise GeneratorError(f"the {head} head takes a fixed anchor only: no retrieved anchor, reconstruction "
                              "term or decoder options")
-    excluded = set(exclude_tasks)
-    task_items = {t: list(v) for t, v in sorted(task_items.items()) if t not in excluded and (tasks is None or t in tasks)}
-    empty = [t for t, items in task_items.items() if len(items) < items_per_task]
-    if empty:
-        raise GeneratorError(f"tasks with fewer than {items_per_task} train items: {', '.join(empty)}")
-    if not task_items:
-        raise GeneratorError("no training task left after --exclude-tasks")
+    task_items = training_items(task_items, tasks, exclude_tasks, items_per_task)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
 
