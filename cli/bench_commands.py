@@ -53,6 +53,7 @@ def bench(
     generator_steps: Annotated[Optional[int], typer.Option("--generator-steps", help="DnD training steps.")] = None,
     cvae_steps: Annotated[Optional[int], typer.Option("--cvae-steps", help="CVAE training steps.")] = None,
     sft_steps: Annotated[Optional[int], typer.Option("--sft-steps", help="Steps of the DnD decoder trained through the base (sft).")] = None,
+    generator_seed: Annotated[Optional[int], typer.Option("--generator-seed", help="Seed of the generators' training only (default 0, the prompts' seed): a second seed reuses every other row.")] = None,
     cvae_objective: Annotated[str, typer.Option("--cvae-objective", help="recon (default) or sft: the CVAE trained --cvae-steps by reconstruction, then --sft-steps through the base with the SFT batches (train-generator --arch cvae --objective sft).")] = "recon",
     training_mean_max: Annotated[Optional[int], typer.Option("--training-mean-max", help="Training adapters averaged for training_mean (spread evenly).")] = None,
     best_other_max: Annotated[Optional[int], typer.Option("--best-other-max", help="Training adapters tried for best_other (family first, then nearest).")] = None,
@@ -92,6 +93,7 @@ def bench(
     if cvae_objective not in ("recon", "sft"):
         raise RegistryError(f"--cvae-objective must be recon or sft, not {cvae_objective!r}")
     settings.cvae_objective = cvae_objective
+    settings.generator_seed = generator_seed
     if sft_anchor_k is not None:
         if sft_anchor_k < 1:
             raise RegistryError("--sft-anchor-k must be >= 1")

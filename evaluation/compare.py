@@ -70,6 +70,7 @@ class BenchSettings:
     multitask_steps: int | None = None  # the multitask LoRA's step budget (None: one harvest's, from the recipe)
     batch_size: int = DEFAULT_EVAL_BATCH  # decoding batch; in bf16 it can move a greedy answer, so rows key on it
     seed: int = 0
+    generator_seed: int | None = None  # the generators' training seed (None: ``seed``); the prompts keep ``seed``
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ def _train_generator(reg, arch: str, split: Split, training: list[str], settings
     held_harvested = [t for t in split.held_out if reg.list_adapters(kind="harvested", task=t)]
     artifact = train_generator_from_registry(
         reg, name=f"bench-{arch}-{split.protocol}", tasks=training, exclude_tasks=held_harvested, steps=steps,
-        seed=settings.seed, on_status=on_status,
+        seed=settings.seed if settings.generator_seed is None else settings.generator_seed, on_status=on_status,
         on_step=lambda step, total, loss: on_status(f"{split.protocol}: {arch} step {step}/{total}, loss {loss:.4f}"),
         **options)
     return artifact.ref

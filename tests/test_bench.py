@@ -121,6 +121,12 @@ def test_bench_cvae_with_the_sft_objective(harvested, tmp_path):
         assert generator.meta["objective"] == "sft" and generator.meta["sft"]["steps"] == settings.sft_steps
         assert not set(generator.meta["sft_tasks"]) & set(held_out)
         assert reg.resolve_artifact(generator.meta["fine_tuned_from"]).meta["steps"] == settings.cvae_steps
+        # a second generator seed trains a new CVAE and leaves the rest of the split as it was
+        seeded = run_bench(reg, _settings(methods=["cvae"], protocols=["variants"], cvae_objective="sft", generator_seed=1),
+                           tmp_path / "report", on_status=lambda s: None)
+        rows_1 = [r for r in json.loads(seeded["json"].read_text())["rows"] if r["method"] == "cvae"]
+        assert {r["extra"]["generator"] for r in rows_1}.isdisjoint({r["extra"]["generator"] for r in rows})
+        assert reg.resolve_artifact(rows_1[0]["extra"]["generator"]).meta["sft"]["seed"] == 1
 
 
 def test_bench_user_task_file_held_out_without_harvest(harvested, tmp_path, cli, monkeypatch):
