@@ -55,6 +55,7 @@ def bench(
     sft_steps: Annotated[Optional[int], typer.Option("--sft-steps", help="Steps of the DnD decoder trained through the base (sft).")] = None,
     generator_seed: Annotated[Optional[int], typer.Option("--generator-seed", help="Seed of the generators' training only (default 0, the prompts' seed): a second seed reuses every other row.")] = None,
     cvae_objective: Annotated[str, typer.Option("--cvae-objective", help="recon (default) or sft: the CVAE trained --cvae-steps by reconstruction, then --sft-steps through the base with the SFT batches (train-generator --arch cvae --objective sft).")] = "recon",
+    cvae_anchor: Annotated[str, typer.Option("--cvae-anchor", help="With --cvae-objective sft: none (default; the CVAE decodes the whole adapter) or multitask (it decodes a deviation added to the split's multitask LoRA; train-generator --anchor multitask).")] = "none",
     training_mean_max: Annotated[Optional[int], typer.Option("--training-mean-max", help="Training adapters averaged for training_mean (spread evenly).")] = None,
     best_other_max: Annotated[Optional[int], typer.Option("--best-other-max", help="Training adapters tried for best_other (family first, then nearest).")] = None,
     sft_anchor_k: Annotated[Optional[int], typer.Option("--sft-anchor-k", help="The SFT generator starts each adapter from the fusion of the k training adapters nearest to the prompts (train-generator --anchor retrieved) instead of the multitask LoRA.")] = None,
@@ -93,6 +94,9 @@ def bench(
     if cvae_objective not in ("recon", "sft"):
         raise RegistryError(f"--cvae-objective must be recon or sft, not {cvae_objective!r}")
     settings.cvae_objective = cvae_objective
+    if cvae_anchor not in ("none", "multitask") or (cvae_anchor != "none" and cvae_objective != "sft"):
+        raise RegistryError("--cvae-anchor takes none or multitask, and multitask only with --cvae-objective sft")
+    settings.cvae_anchor = cvae_anchor
     settings.generator_seed = generator_seed
     if sft_anchor_k is not None:
         if sft_anchor_k < 1:

@@ -36,7 +36,7 @@ def train_generator(
     objective: Annotated[str, typer.Option(help="recon (regress harvested weights), sft (train through the base model on the tasks' answers; cvae: after --recon-steps of recon) or, dnd only, both (sft + reconstruction as a regulariser).")] = "recon",
     recon_weight: Annotated[Optional[float], typer.Option("--recon-weight", help="both: weight of the reconstruction term (default 0.1).")] = None,
     contrast_weight: Annotated[Optional[float], typer.Option("--contrast-weight", help="sft/both: weight of the condition-sensitivity hinge (each task's items must score better under its own generated LoRA than under another task's; default 0: off).")] = None,
-    anchor: Annotated[str, typer.Option(help="sft: the adapter the generated LoRA starts from: multitask (trained on the same tasks first if missing), retrieved (the fusion of the --anchor-k training adapters nearest to the prompts), none (random A, B = 0) or a REF.")] = "multitask",
+    anchor: Annotated[Optional[str], typer.Option(help="sft: the adapter the generated LoRA starts from: multitask (dnd's default; trained on the same tasks first if missing), retrieved (dnd: the fusion of the --anchor-k training adapters nearest to the prompts), none (dnd: random A, B = 0; cvae's default: it decodes the whole adapter) or a REF. cvae takes none, multitask or a REF: the decoded deviation is then added to that adapter.")] = None,
     anchor_k: Annotated[Optional[int], typer.Option("--anchor-k", help="sft with --anchor retrieved: training adapters fused into the anchor (default 3).")] = None,
     items_per_task: Annotated[int, typer.Option("--items-per-task", help="sft (dnd and cvae): train items per task per step.")] = 4,
     head: Annotated[str, typer.Option(help="sft: residual (anchor + the hyper-convolutional decoder's residual) gated (the anchor LoRA trained on every task, its rank components scaled by gains an MLP reads from the prompts) or routed (those gains a similarity-weighted mix of one learned gain vector per training task).")] = "residual",
@@ -83,6 +83,9 @@ def train_generator(
         raise RegistryError("--recon-weight applies to --objective both only")
     if contrast_weight is not None and objective not in ("sft", "both"):
         raise RegistryError("--contrast-weight applies to --objective sft or both only")
+    if anchor is not None and objective not in ("sft", "both"):
+        raise RegistryError("--anchor applies to --objective sft or both only")
+    anchor = anchor or ("none" if arch == "cvae" else "multitask")
     if anchor_k is not None and (objective not in ("sft", "both") or anchor != "retrieved"):
         raise RegistryError("--anchor-k applies to --objective sft with --anchor retrieved only")
     from generator.sft_service import DEFAULT_ANCHOR_K, GATED_HEADS, HEADS
@@ -92,8 +95,9 @@ def train_generator(
     if head in GATED_HEADS and (objective != "sft" or anchor == "retrieved"):
         raise RegistryError(f"--head {head} applies to --objective sft with a fixed anchor (multitask, none or a REF)")
     if arch == "cvae" and (objective == "both" or head != "residual" or contrast_weight is not None
-                           or anchor not in ("multitask", "none")):
-        raise RegistryError("--arch cvae takes --objective recon or sft, with no --head, --anchor or --contrast-weight")
+                           or anchor == "retrieved"):
+        raise RegistryError("--arch cvae takes --objective recon or sft, with no --head, --contrast-weight or "
+                            "retrieved --anchor")
     if recon_steps is not None and not (arch == "cvae" and objective == "sft"):
         raise RegistryError("--recon-steps applies to --arch cvae --objective sft only")
     if arch == "cvae":
@@ -127,9 +131,7 @@ def train_generator(
                        save_every=save_every, base_model=base_model)
     err = console_err()
     with open_registry(home) as reg, progress() as bar:
-        if arch == "cvae" and objective == "sft":  # the CVAE decodes the whole adapter: no anchor
-            tasks, options["task_items"], _ = _sft_inputs(reg, tasks, exclude_tasks, "none", bar)
-        elif objective in ("sft", "both"):
+        if objective in ("sft", "both"):
             tasks, options["task_items"], options["anchor"] = _sft_inputs(reg, tasks, exclude_tasks, anchor, bar)
         task_id = bar.add_task(f"train-generator ({arch}{', ' + objective if objective != 'recon' else ''})", total=steps,
                                status="starting")

@@ -62,6 +62,7 @@ class BenchSettings:
     cvae_steps: int = 300
     cvae_options: dict = field(default_factory=dict)  # CVAE architecture options (tests use tiny ones)
     cvae_objective: str = "recon"      # sft: cvae_steps of reconstruction, then sft_steps through the base
+    cvae_anchor: str = "none"          # with cvae_objective sft: multitask = decode a deviation from the multitask LoRA
     sft_steps: int = 500
     sft_options: dict = field(default_factory=dict)   # SFT decoder / training options (tests use tiny ones)
     training_mean_max: int | None = 8
@@ -71,6 +72,11 @@ class BenchSettings:
     batch_size: int = DEFAULT_EVAL_BATCH  # decoding batch; in bf16 it can move a greedy answer, so rows key on it
     seed: int = 0
     generator_seed: int | None = None  # the generators' training seed (None: ``seed``); the prompts keep ``seed``
+
+    @property
+    def cvae_anchored(self) -> bool:
+        """The CVAE is trained through the base and decodes a deviation from the split's multitask LoRA."""
+        return self.cvae_objective == "sft" and self.cvae_anchor == "multitask"
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +266,8 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
     context.notes.append(f"[{label}] training tasks ({len(training)}) = retrieval pool: their final harvested "
                          f"adapters; k={settings.k}, one adapter per task")
     wanted = set(settings.methods)
-    if "multitask" in wanted or _wants(wanted, "sft"):  # the SFT generator starts from it
+    if "multitask" in wanted or _wants(wanted, "sft") or (_wants(wanted, "cvae") and settings.cvae_anchored):
+        # the SFT generator (and an anchored CVAE) starts from it
         from harvest.service import harvest_multitask, resolve_task
 
         members = [tasks[t] if t in tasks else resolve_task(t) for t in training]
@@ -277,8 +284,10 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
         if _wants(wanted, arch):
             context.generators[arch] = _train_generator(reg, arch, split, training, settings, on_status,
                                                         tasks, context.multitask_ref)
-            how = (f" ({settings.cvae_steps} reconstruction steps, then {settings.sft_steps} through the base model)"
-                   if arch == "cvae" and settings.cvae_objective == "sft" else "")
+            how = ""
+            if arch == "cvae" and settings.cvae_objective == "sft":
+                anchored = ", decoding a deviation from the multitask LoRA" if settings.cvae_anchored else ""
+                how = f" ({settings.cvae_steps} reconstruction steps, then {settings.sft_steps} through the base model{anchored})"
             context.notes.append(f"[{label}] {arch} generator {context.generators[arch]}: trained on the "
                                  f"{len(training)} training tasks{how}")
     # Fixed after the multitask harvest, so it (and every other non-training harvest) stays out of the pool.
@@ -306,7 +315,8 @@ def _train_generator(reg, arch: str, split: Split, training: list[str], settings
         steps = settings.sft_steps
         sft = {k: v for k, v in settings.sft_options.items() if k in ("batch_size", "items_per_task", "lr")}
         options = dict(settings.cvae_options, **sft, arch="cvae", objective="sft", recon_steps=settings.cvae_steps,
-                       task_items=_train_items(training, tasks))
+                       task_items=_train_items(training, tasks),
+                       anchor=multitask_ref if settings.cvae_anchored else None)
     elif arch == "cvae":
         options = dict(settings.cvae_options, arch="cvae")
     else:

@@ -74,6 +74,21 @@ def training_items(task_items: Mapping, tasks: Sequence[str] | None, exclude_tas
     return chosen
 
 
+def adapter_tokens(reg, ref: str, layout):
+    """A stored adapter as the token grid (T, h, w) of ``layout``: ``(its AdapterInfo, grid)``; the
+    anchor a generated LoRA starts from."""
+    from safetensors.torch import load_file
+
+    from generator.tokenizer import state_dict_to_tokens
+
+    info = reg.resolve(ref)
+    state_dict = load_file(str(reg.fetch(info.ref) / "adapter_model.safetensors"))
+    try:
+        return info, state_dict_to_tokens(state_dict, layout)
+    except (KeyError, ValueError) as err:
+        raise GeneratorLayoutError(f"anchor {info.ref} does not fit the generator's LoRA layout: {err}") from None
+
+
 def _anchor_pool(data, layout):
     """The retrieved anchor's pool: ``({task: its latest harvested REF}, (N, T, h, w) their token grids)``,
     tasks in sorted order (``data.checkpoints`` holds each task's adapters in (name, version) order)."""
@@ -166,11 +181,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     if pool is not None:
         anchor_tokens = pool[1].mean(dim=0)  # the fixed anchor (scale; nothing retrieved): the pool's mean
     if anchor is not None:
-        from safetensors.torch import load_file
-
-        anchor_info = reg.resolve(anchor)
-        anchor_tokens = state_dict_to_tokens(load_file(str(reg.fetch(anchor_info.ref) / "adapter_model.safetensors")),
-                                             layout)
+        anchor_info, anchor_tokens = adapter_tokens(reg, anchor, layout)
 
     status("loading the base model and the prompt encoder")
     from registry import base_models

@@ -127,6 +127,14 @@ def test_bench_cvae_with_the_sft_objective(harvested, tmp_path):
         rows_1 = [r for r in json.loads(seeded["json"].read_text())["rows"] if r["method"] == "cvae"]
         assert {r["extra"]["generator"] for r in rows_1}.isdisjoint({r["extra"]["generator"] for r in rows})
         assert reg.resolve_artifact(rows_1[0]["extra"]["generator"]).meta["sft"]["seed"] == 1
+        # anchored on the split's multitask LoRA: the generator starts from the multitask row's adapter
+        anchored = run_bench(reg, _settings(methods=["multitask", "cvae"], protocols=["variants"], cvae_objective="sft",
+                                            cvae_anchor="multitask"), tmp_path / "report", on_status=lambda s: None)
+        report = json.loads(anchored["json"].read_text())
+        rows_a = [r for r in report["rows"] if r["method"] == "cvae"]
+        meta = reg.resolve_artifact(rows_a[0]["extra"]["generator"]).meta
+        multitask = {r["adapter_ref"] for r in report["rows"] if r["method"] == "multitask"}
+        assert meta["anchor"] in multitask and meta["parametrisation"].startswith("anchor + gate")
 
 
 def test_bench_user_task_file_held_out_without_harvest(harvested, tmp_path, cli, monkeypatch):
