@@ -33,7 +33,7 @@ def test_auto_follows_the_hardware_and_the_environment(monkeypatch):
 
 def test_native_bf16_matches_what_torch_reports():
     cpu = torch.cpu
-    expected = bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    expected = bool(cpu._is_amx_tile_supported())  # AVX-512 BF16 alone measured slower than fp32
     assert precision.native_bf16("cpu") is expected
     assert precision.native_bf16("cuda") is bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
