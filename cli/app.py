@@ -20,7 +20,7 @@ app = typer.Typer(
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 HomeOption = Annotated[Optional[Path], typer.Option("--home", help="Registry home (default: $REGISTRY_HOME or a per-user data dir).", envvar="REGISTRY_HOME", show_envvar=False)]
-PrecisionOption = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 where the hardware has it, else fp32), fp32 or bf16; default $REGISTRY_PRECISION or auto.")]
+PrecisionOption = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 on a CPU with AMX or a GPU with bf16, else fp32), fp32 or bf16; default $REGISTRY_PRECISION or auto.")]
 PromptsOption = Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line, or JSONL with a 'prompt' field.", dir_okay=False)]
 
 
