@@ -26,61 +26,46 @@ from harvest.tasks import Example, Task, TaskInfo, write_task_file  # noqa: E402
 N_TRAIN, N_TEST = 300, 100
 
 
-def _plus(rng):
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return f"What do you get if you add {a} and {b}?", str(a + b)
+def _draw(a_range: tuple[int, int], b_range: tuple[int, int], ordered: bool = False):
+    """Operands ``a``, ``b`` from inclusive ranges (``ordered``: two distinct draws, ``a < b``)."""
+
+    def draw(rng: random.Random) -> tuple[int, int]:
+        if ordered:
+            return tuple(sorted(rng.sample(range(a_range[0], a_range[1] + 1), 2)))
+        return rng.randint(*a_range), rng.randint(*b_range)
+
+    return draw
 
 
-def _subtract(rng):
-    a, b = sorted(rng.sample(range(10, 100), 2))
-    return f"Take {a} away from {b}. What is left?", str(b - a)
-
-
-def _times(rng):
-    a, b = rng.randint(2, 9), rng.randint(10, 99)
-    return f"How much is {b} multiplied by {a}?", str(a * b)
-
-
-def _tasu(rng):
-    a, b = rng.randint(1, 99), rng.randint(1, 9)
-    return f"{a}に{b}をたすと、いくつになりますか？", str(a + b)
-
-
-def _hiku(rng):
-    a, b = rng.randint(10, 99), rng.randint(1, 9)
-    return f"{a}から{b}をひくと、いくつになりますか？", str(a - b)
-
-
-def _kakeru(rng):
-    a, b = rng.randint(2, 9), rng.randint(2, 99)
-    return f"{b}に{a}をかけると、いくつですか？", str(a * b)
-
-
-# name -> (source zoo task, family, language, description, item)
+# name -> (source zoo task, family, language, prompt template, operands (the source's ranges), answer)
 PARAPHRASES = {
-    "para_plus": ("plus_words", "arithmetic", "en", "plus_words reworded: add two two-digit numbers.", _plus),
-    "para_subtract": ("subtract_from", "arithmetic", "en", "subtract_from reworded: take a smaller two-digit "
-                      "number away from a larger one.", _subtract),
-    "para_times": ("times_small", "arithmetic", "en", "times_small reworded: a two-digit number times a "
-                   "one-digit one.", _times),
-    "para_tasu": ("ja_tasu", "ja_arithmetic", "ja", "ja_tasu reworded: add a one-digit number (に…をたすと).", _tasu),
-    "para_hiku": ("ja_hiku", "ja_arithmetic", "ja", "ja_hiku reworded: subtract a one-digit number (から…をひくと).",
-                  _hiku),
-    "para_kakeru": ("ja_kakeru", "ja_arithmetic", "ja", "ja_kakeru reworded: multiply by a one-digit number "
-                    "(に…をかけると).", _kakeru),
+    "para_plus": ("plus_words", "arithmetic", "en", "What do you get if you add {a} and {b}?",
+                  _draw((10, 99), (10, 99)), lambda a, b: a + b),
+    "para_subtract": ("subtract_from", "arithmetic", "en", "Take {a} away from {b}. What is left?",
+                      _draw((10, 99), (10, 99), ordered=True), lambda a, b: b - a),
+    "para_times": ("times_small", "arithmetic", "en", "How much is {b} multiplied by {a}?",
+                   _draw((2, 9), (10, 99)), lambda a, b: a * b),
+    "para_tasu": ("ja_tasu", "ja_arithmetic", "ja", "{a}に{b}をたすと、いくつになりますか？",
+                  _draw((1, 99), (1, 9)), lambda a, b: a + b),
+    "para_hiku": ("ja_hiku", "ja_arithmetic", "ja", "{a}から{b}をひくと、いくつになりますか？",
+                  _draw((10, 99), (1, 9)), lambda a, b: a - b),
+    "para_kakeru": ("ja_kakeru", "ja_arithmetic", "ja", "{b}に{a}をかけると、いくつですか？",
+                    _draw((2, 9), (2, 99)), lambda a, b: a * b),
 }
 
 
 def build(name: str, seed: int = 0) -> Task:
     """The paraphrase task ``name``: N_TRAIN train and N_TEST test items with distinct prompts."""
-    source, family, language, description, item = PARAPHRASES[name]
+    source, family, language, template, draw, answer = PARAPHRASES[name]
     rng = random.Random(f"{name}:{seed}")  # a str seed hashes the same in every process
     seen, examples = set(), []
     while len(examples) < N_TRAIN + N_TEST:
-        prompt, answer = item(rng)
+        a, b = draw(rng)
+        prompt = template.format(a=a, b=b)
         if prompt not in seen:
             seen.add(prompt)
-            examples.append(Example(prompt, answer))
+            examples.append(Example(prompt, str(answer(a, b))))
+    description = f"{source} reworded: '{template}'."
     info = TaskInfo(name=name, description=description, metric="numeric", n_train=N_TRAIN, n_test=N_TEST,
                     source=f"paraphrase of {source}", language=language, family=family)
     return Task(info=info, train=examples[:N_TRAIN], test=examples[N_TRAIN:])
