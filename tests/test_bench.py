@@ -153,6 +153,27 @@ def test_bench_user_task_file_held_out_without_harvest(harvested, tmp_path, cli,
     assert rows["selection"]["n"] == 2 and "my_digits has no harvest" in (out / "report.md").read_text()
 
 
+def test_bench_controls_borrow_prompts_from_held_out_task_files(harvested, tmp_path):
+    """Two held-out task files (names no zoo lookup knows): the "another task's prompts" control
+    takes the other file's prompts, from the loaded task, not from a zoo name."""
+    from evaluation.compare import run_bench
+    from harvest.zoo import export_task
+    from registry.store import Registry
+
+    files = []
+    for zoo_name, name in (("digit_count", "my_digits"), ("chain_sum", "my_chains")):
+        path = export_task(zoo_name, tmp_path / f"{name}.jsonl")
+        meta_path = tmp_path / f"{name}.jsonl.meta.json"
+        meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"name": name}))
+        files.append(str(path))
+    with Registry.open(harvested) as reg:
+        paths = run_bench(reg, _settings(held_out=files, methods=["dnd", "dnd_other"]), tmp_path / "r",
+                          on_status=lambda s: None)
+    rows = json.loads(paths["json"].read_text())["rows"]
+    donors = {r["task"]: r["extra"]["condition_task"] for r in rows if r["method"] == "dnd_other"}
+    assert donors == {"my_digits": "my_chains", "my_chains": "my_digits"}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--held-out", "nope"], "unknown task 'nope'"),
     (["--methods", "base,magic"], "unknown bench method(s): magic"),
