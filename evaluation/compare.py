@@ -164,7 +164,7 @@ class _SplitContext:
     exclude_from_pool: list[str]               # every harvested task outside the split's training set
     generators: dict[str, str | None] = field(default_factory=dict)  # dnd/cvae -> artifact REF
     multitask_ref: str | None = None
-    held_out_tasks: dict = field(default_factory=dict)  # held-out name -> its Task (task files have no zoo name)
+    tasks: dict = field(default_factory=dict)  # every bench task by name, loaded (task files have no zoo name)
     notes: list[str] = field(default_factory=list)
 
 
@@ -260,7 +260,7 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
         raise RegistryError(f"{split.protocol}: need at least 2 harvested training tasks, found {len(training)}")
     pool = {t: final_adapter(reg, t).ref for t in training}
     base_model = reg.resolve(pool[training[0]]).base_model
-    context = _SplitContext(split, base_model, pool, [], held_out_tasks={t: tasks[t] for t in split.held_out})
+    context = _SplitContext(split, base_model, pool, [], tasks=tasks)
     label = split.protocol
     context.notes.append(f"[{label}] held out: {', '.join(split.held_out)}"
                          + (f" (families {', '.join(split.held_out_families)})" if split.held_out_families else ""))
@@ -433,7 +433,7 @@ def _run_method(reg, method, task, prompts, split: Split, context: _SplitContext
             from harvest.service import sample_prompts
 
             donor = others[split.held_out.index(task.name) % len(others)]
-            condition = sample_prompts(context.held_out_tasks[donor], settings.n_prompts, seed=settings.seed)
+            condition = sample_prompts(context.tasks[donor], settings.n_prompts, seed=settings.seed)
         elif control == "random":
             condition = random_prompts(prompts, settings.seed)
         start = time.perf_counter()

@@ -50,7 +50,7 @@ def native_bf16(device: Any = "cpu") -> bool:
     if kind == "cpu":
         cpu = getattr(torch, "cpu", None)
         amx = getattr(cpu, "_is_amx_tile_supported", None)
-        return bool(amx()) if amx is not None else False
+        return bool(amx and amx())
     return False
 
 
