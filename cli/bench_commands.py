@@ -59,6 +59,7 @@ def bench(
     training_mean_max: Annotated[Optional[int], typer.Option("--training-mean-max", help="Training adapters averaged for training_mean (spread evenly).")] = None,
     best_other_max: Annotated[Optional[int], typer.Option("--best-other-max", help="Training adapters tried for best_other (family first, then nearest).")] = None,
     sft_anchor_k: Annotated[Optional[int], typer.Option("--sft-anchor-k", help="The SFT generator starts each adapter from the fusion of the k training adapters nearest to the prompts (train-generator --anchor retrieved) instead of the multitask LoRA.")] = None,
+    sft_anchor_train: Annotated[Optional[str], typer.Option("--sft-anchor-train", help="With --sft-anchor-k: what a training task retrieves as its anchor, others (default; leave-one-out) or own (itself first, as at generation; train-generator --anchor-train).")] = None,
     sft_contrast: Annotated[Optional[float], typer.Option("--sft-contrast", help="Weight of the SFT generator's condition-sensitivity hinge (train-generator --contrast-weight; default 0).")] = None,
     sft_head: Annotated[Optional[str], typer.Option("--sft-head", help="The SFT generator's head: residual (default), gated or routed (train-generator --head).")] = None,
     sft_tasks_per_step: Annotated[Optional[int], typer.Option("--sft-tasks-per-step", help="Tasks drawn per SFT step, each with its own generated LoRA (train-generator --batch-size; default 2).")] = None,
@@ -102,6 +103,12 @@ def bench(
         if sft_anchor_k < 1:
             raise RegistryError("--sft-anchor-k must be >= 1")
         settings.sft_options["retrieved_anchor_k"] = sft_anchor_k
+    if sft_anchor_train is not None:
+        from generator.sft_service import ANCHOR_TRAINING
+
+        if sft_anchor_k is None or sft_anchor_train not in ANCHOR_TRAINING:
+            raise RegistryError(f"--sft-anchor-train takes one of {', '.join(ANCHOR_TRAINING)}, with --sft-anchor-k")
+        settings.sft_options["anchor_training"] = sft_anchor_train
     if sft_contrast is not None:
         if sft_contrast < 0:
             raise RegistryError("--sft-contrast must be >= 0")

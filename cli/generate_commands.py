@@ -38,6 +38,7 @@ def train_generator(
     contrast_weight: Annotated[Optional[float], typer.Option("--contrast-weight", help="sft/both: weight of the condition-sensitivity hinge (each task's items must score better under its own generated LoRA than under another task's; default 0: off).")] = None,
     anchor: Annotated[Optional[str], typer.Option(help="sft: the adapter the generated LoRA starts from: multitask (dnd's default; trained on the same tasks first if missing), retrieved (dnd: the fusion of the --anchor-k training adapters nearest to the prompts), none (dnd: random A, B = 0; cvae's default: it decodes the whole adapter) or a REF. cvae takes none, multitask or a REF: the decoded deviation is then added to that adapter.")] = None,
     anchor_k: Annotated[Optional[int], typer.Option("--anchor-k", help="sft with --anchor retrieved: training adapters fused into the anchor (default 3).")] = None,
+    anchor_train: Annotated[Optional[str], typer.Option("--anchor-train", help="sft with --anchor retrieved: what a training task retrieves as its anchor: others (default; leave-one-out, never itself) or own (as at generation: its nearest adapters, itself first).")] = None,
     items_per_task: Annotated[int, typer.Option("--items-per-task", help="sft (dnd and cvae): train items per task per step.")] = 4,
     head: Annotated[str, typer.Option(help="sft: residual (anchor + the hyper-convolutional decoder's residual) gated (the anchor LoRA trained on every task, its rank components scaled by gains an MLP reads from the prompts) or routed (those gains a similarity-weighted mix of one learned gain vector per training task).")] = "residual",
     steps: Annotated[int, typer.Option(help="Training steps (a rerun with more steps continues).")] = 2000,
@@ -88,7 +89,9 @@ def train_generator(
     anchor = anchor or ("none" if arch == "cvae" else "multitask")
     if anchor_k is not None and (objective not in ("sft", "both") or anchor != "retrieved"):
         raise RegistryError("--anchor-k applies to --objective sft with --anchor retrieved only")
-    from generator.sft_service import DEFAULT_ANCHOR_K, GATED_HEADS, HEADS
+    if anchor_train is not None and (objective not in ("sft", "both") or anchor != "retrieved"):
+        raise RegistryError("--anchor-train applies to --objective sft with --anchor retrieved only")
+    from generator.sft_service import ANCHOR_TRAINING, DEFAULT_ANCHOR_K, GATED_HEADS, HEADS
 
     if head not in HEADS:
         raise RegistryError(f"--head must be one of {', '.join(HEADS)}, not {head!r}")
@@ -123,6 +126,10 @@ def train_generator(
             if anchor_k is not None and anchor_k < 1:
                 raise RegistryError("--anchor-k must be >= 1")
             options["retrieved_anchor_k"] = DEFAULT_ANCHOR_K if anchor_k is None else anchor_k
+            if anchor_train is not None:
+                if anchor_train not in ANCHOR_TRAINING:
+                    raise RegistryError(f"--anchor-train must be one of {', '.join(ANCHOR_TRAINING)}, not {anchor_train!r}")
+                options["anchor_training"] = anchor_train
     else:
         if given:
             raise RegistryError(f"{', '.join(CVAE_CLI_OPTIONS[k] for k in given)} only apply to --arch cvae")

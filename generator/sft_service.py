@@ -42,6 +42,7 @@ DEFAULT_SFT_STEPS = 500
 DEFAULT_SFT_LR = 1e-3
 DEFAULT_TASKS_PER_STEP = 2
 DEFAULT_ITEMS_PER_TASK = 4
+ANCHOR_TRAINING = ("others", "own")  # what a training task retrieves as its anchor (train_dnd_sft)
 DEFAULT_ANCHOR_K = 3  # --anchor retrieved: adapters fused, as `registry compose -k 3`
 POOL_CENTROIDS = "pool.centroids"  # a retrieved-anchor generator's (N, C) prompt centroids of its pool
 DECODER_OPTIONS = ("prompt_tokens", "n_layers", "kernel", "hidden_tokens", "shapes")
@@ -119,7 +120,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
                   anchor: str | None = None, items_per_task: int = DEFAULT_ITEMS_PER_TASK, max_length: int = 160,
                   seed: int = 0, save_every: int = 50, grad_clip: float = 1.0, precision: str | None = None,
                   base_model: str | None = None, recon_weight: float = 0.0, contrast_weight: float = 0.0,
-                  retrieved_anchor_k: int = 0, head: str = "residual", **decoder_options):
+                  retrieved_anchor_k: int = 0, anchor_training: str = "others", head: str = "residual",
+                  **decoder_options):
     """Train the DnD decoder through the frozen base (``generator.sft``) and store it (``ArtifactInfo``).
 
     ``batch_size`` is the number of tasks per step, each with ``items_per_task`` items; ``anchor`` a
@@ -129,7 +131,11 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     ``contrast_weight`` > 0 adds the condition-sensitivity hinge (``generator.sft.contrast_hinge``).
     ``retrieved_anchor_k`` > 0 (no ``anchor`` then): each generated LoRA starts from the fusion of the
     k training adapters nearest to its prompts (``generator.sft.nearest_pool``; the pool is each
-    harvested training task's latest adapter, a task never retrieving itself in training).
+    harvested training task's latest adapter). ``anchor_training`` says what a training task retrieves:
+    "others" (leave-one-out: never itself, so the residual learns to correct a neighbour's adapter) or
+    "own" (as at generation: its nearest adapters, itself first, so train and test anchors agree where
+    the unseen task's nearest adapter is the right one, and the residual refines it; paraphrase split,
+    README).
     ``head`` "gated" replaces the decoder + residual head by ``generator.sft.RankGatedGenerator``: the
     anchor LoRA trained on every task, its rank components scaled by gains read from the prompts."""
 
@@ -157,6 +163,9 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         raise GeneratorError("the SFT objective needs the training tasks' items (prompt, answer pairs)")
     if retrieved_anchor_k < 0 or (retrieved_anchor_k and anchor is not None):
         raise GeneratorError("a retrieved anchor takes k >= 1 adapters and no fixed --anchor REF")
+    if anchor_training not in ANCHOR_TRAINING or (anchor_training != "others" and not retrieved_anchor_k):
+        raise GeneratorError(f"the anchor in training is one of {', '.join(ANCHOR_TRAINING)}, and other than "
+                             "'others' only with a retrieved anchor")
     if head not in HEADS:
         raise GeneratorError(f"unknown SFT head {head!r} (one of {', '.join(HEADS)})")
     if head in GATED_HEADS and (retrieved_anchor_k or recon_weight or set(decoder_options) - {"prompt_tokens"}):
@@ -204,7 +213,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         examples = [encode_example(tokenizer, p, a, max_length) for p, a in items]
         task_anchor = None
         if pool is not None:
-            own = list(pool[0]).index(task) if task in pool[0] else None
+            own = list(pool[0]).index(task) if task in pool[0] and anchor_training == "others" else None
             task_anchor = fused_anchor(pool[1][nearest_pool(torch.as_tensor(vectors), centroids, retrieved_anchor_k, own)])
         sft_tasks.append(SFTTask(task, condition.float().cpu(), examples, targets.get(task), task_anchor,
                                  key_index=index if head == "routed" else None))
@@ -217,6 +226,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         settings["contrast_weight"] = contrast_weight  # (likewise)
     if retrieved_anchor_k:
         settings["retrieved_anchor_k"] = retrieved_anchor_k  # (likewise)
+    if anchor_training != "others":
+        settings["anchor_training"] = anchor_training  # (likewise)
     if head != "residual":
         settings["head"] = head  # (likewise)
         settings["router_input"] = "standardised"  # the router reads (e - centre) / spread (a first try did not)

@@ -181,6 +181,8 @@ def test_bench_controls_borrow_prompts_from_held_out_task_files(harvested, tmp_p
     (["--tasks", "add_sub,gcd"], "tasks without a finished harvest: gcd"),
     (["--sft-anchor-k", "0"], "--sft-anchor-k must be >= 1"),
     (["--sft-contrast", "-1"], "--sft-contrast must be >= 0"),
+    (["--sft-anchor-train", "own"], "--sft-anchor-train takes one of others, own, with --sft-anchor-k"),
+    (["--sft-anchor-k", "1", "--sft-anchor-train", "self"], "--sft-anchor-train takes one of others, own"),
     (["--sft-head", "wide"], "--sft-head must be one of residual, gated, routed"),
     (["--sft-tasks-per-step", "0"], "--sft-tasks-per-step must be >= 1"),
     (["--sft-items-per-task", "0"], "--sft-items-per-task must be >= 1"),

@@ -269,6 +269,18 @@ def test_train_generator_sft_with_a_retrieved_anchor(cli, registry_home, tiny_ba
         picked[name] = generated["recipe"]["anchor_adapters"]
         assert [p["ref"] for p in generated["parents"]] == picked[name]
     assert picked == {"add_sub": [refs["add_sub"]], "word_sort": [refs["word_sort"]]}  # each task's own harvest
+    # trained on its own adapters (itself first, as at generation): a new artifact, recorded as such
+    code, out, err = cli("train-generator", "--objective", "sft", "--anchor", "retrieved", "--anchor-k", "1",
+                         "--anchor-train", "own", *tasks, *tiny, "--json")
+    assert code == 0, err
+    own = json.loads(out)
+    assert own["ref"] != trained["ref"] and own["meta"]["training"]["anchor_training"] == "own"
+    assert "anchor_training" not in meta["training"]  # the leave-one-out default keeps earlier fingerprints
+    code, _, err = cli("train-generator", "--objective", "sft", "--anchor", "retrieved", "--anchor-train", "self",
+                       *tasks, *tiny)
+    assert code != 0 and "--anchor-train must be one of others, own" in err and "Traceback" not in err
+    code, _, err = cli("train-generator", "--objective", "sft", "--anchor-train", "own", *tasks, *tiny)
+    assert code != 0 and "--anchor-train applies to --objective sft with --anchor retrieved only" in err
     code, _, err = cli("train-generator", "--objective", "sft", "--anchor", "retrieved", "--anchor-k", "0", *tasks, *tiny)
     assert code != 0 and "--anchor-k must be >= 1" in err and "Traceback" not in err
     code, _, err = cli("train-generator", "--objective", "sft", "--anchor-k", "2", *tasks, *tiny)
