@@ -60,6 +60,7 @@ def bench(
     best_other_max: Annotated[Optional[int], typer.Option("--best-other-max", help="Training adapters tried for best_other (family first, then nearest).")] = None,
     sft_anchor_k: Annotated[Optional[int], typer.Option("--sft-anchor-k", help="The SFT generator starts each adapter from the fusion of the k training adapters nearest to the prompts (train-generator --anchor retrieved) instead of the multitask LoRA.")] = None,
     sft_anchor_train: Annotated[Optional[str], typer.Option("--sft-anchor-train", help="With --sft-anchor-k: what a training task retrieves as its anchor, others (default; leave-one-out) or own (itself first, as at generation; train-generator --anchor-train).")] = None,
+    sft_under_multitask: Annotated[bool, typer.Option("--sft-under-multitask", help="The SFT generator sits on the split's multitask LoRA: applied under it in training and stacked under every generated adapter (train-generator --under multitask).")] = False,
     sft_contrast: Annotated[Optional[float], typer.Option("--sft-contrast", help="Weight of the SFT generator's condition-sensitivity hinge (train-generator --contrast-weight; default 0).")] = None,
     sft_head: Annotated[Optional[str], typer.Option("--sft-head", help="The SFT generator's head: residual (default), gated or routed (train-generator --head).")] = None,
     sft_tasks_per_step: Annotated[Optional[int], typer.Option("--sft-tasks-per-step", help="Tasks drawn per SFT step, each with its own generated LoRA (train-generator --batch-size; default 2).")] = None,
@@ -109,6 +110,10 @@ def bench(
         if sft_anchor_k is None or sft_anchor_train not in ANCHOR_TRAINING:
             raise RegistryError(f"--sft-anchor-train takes one of {', '.join(ANCHOR_TRAINING)}, with --sft-anchor-k")
         settings.sft_options["anchor_training"] = sft_anchor_train
+    if sft_under_multitask:
+        if sft_anchor_k is None:
+            raise RegistryError("--sft-under-multitask goes with --sft-anchor-k (the multitask anchor is already the multitask LoRA)")
+        settings.sft_options["under"] = "multitask"  # the split's multitask LoRA, resolved when it is trained
     if sft_contrast is not None:
         if sft_contrast < 0:
             raise RegistryError("--sft-contrast must be >= 0")
@@ -124,8 +129,9 @@ def bench(
 
         if sft_head not in HEADS:
             raise RegistryError(f"--sft-head must be one of {', '.join(HEADS)}, not {sft_head!r}")
-        if sft_head in GATED_HEADS and sft_anchor_k is not None:
-            raise RegistryError(f"--sft-head {sft_head} starts from the multitask LoRA: no --sft-anchor-k")
+        if sft_head in GATED_HEADS and (sft_anchor_k is not None or sft_under_multitask):
+            raise RegistryError(f"--sft-head {sft_head} starts from the multitask LoRA: no --sft-anchor-k or "
+                                "--sft-under-multitask")
         settings.sft_options["head"] = sft_head
     with open_registry(home) as reg:
         paths = _run(reg, settings, out)

@@ -39,6 +39,7 @@ def train_generator(
     anchor: Annotated[Optional[str], typer.Option(help="sft: the adapter the generated LoRA starts from: multitask (dnd's default; trained on the same tasks first if missing), retrieved (dnd: the fusion of the --anchor-k training adapters nearest to the prompts), none (dnd: random A, B = 0; cvae's default: it decodes the whole adapter) or a REF. cvae takes none, multitask or a REF: the decoded deviation is then added to that adapter.")] = None,
     anchor_k: Annotated[Optional[int], typer.Option("--anchor-k", help="sft with --anchor retrieved: training adapters fused into the anchor (default 3).")] = None,
     anchor_train: Annotated[Optional[str], typer.Option("--anchor-train", help="sft with --anchor retrieved: what a training task retrieves as its anchor: others (default; leave-one-out, never itself) or own (as at generation: its nearest adapters, itself first).")] = None,
+    under: Annotated[Optional[str], typer.Option("--under", help="dnd sft: an adapter every generated LoRA sits on, multitask (trained on the same tasks first if missing) or a REF: applied to the base throughout training and stacked under each generated adapter (rank doubles).")] = None,
     items_per_task: Annotated[int, typer.Option("--items-per-task", help="sft (dnd and cvae): train items per task per step.")] = 4,
     head: Annotated[str, typer.Option(help="sft: residual (anchor + the hyper-convolutional decoder's residual) gated (the anchor LoRA trained on every task, its rank components scaled by gains an MLP reads from the prompts) or routed (those gains a similarity-weighted mix of one learned gain vector per training task).")] = "residual",
     steps: Annotated[int, typer.Option(help="Training steps (a rerun with more steps continues).")] = 2000,
@@ -89,6 +90,10 @@ def train_generator(
     anchor = anchor or ("none" if arch == "cvae" else "multitask")
     if anchor_k is not None and (objective not in ("sft", "both") or anchor != "retrieved"):
         raise RegistryError("--anchor-k applies to --objective sft with --anchor retrieved only")
+    if under is not None and (arch != "dnd" or objective not in ("sft", "both") or head != "residual"):
+        raise RegistryError("--under applies to --arch dnd --objective sft (or both) with the residual head only")
+    if under is not None and under == anchor:
+        raise RegistryError(f"--under {under} is already the anchor: use --anchor retrieved, none or another REF")
     if anchor_train is not None and (objective not in ("sft", "both") or anchor != "retrieved"):
         raise RegistryError("--anchor-train applies to --objective sft with --anchor retrieved only")
     from generator.sft_service import ANCHOR_TRAINING, DEFAULT_ANCHOR_K, GATED_HEADS, HEADS
@@ -139,7 +144,10 @@ def train_generator(
     err = console_err()
     with open_registry(home) as reg, progress() as bar:
         if objective in ("sft", "both"):
-            tasks, options["task_items"], options["anchor"] = _sft_inputs(reg, tasks, exclude_tasks, anchor, bar)
+            tasks, options["task_items"], options["anchor"], under_ref = _sft_inputs(reg, tasks, exclude_tasks,
+                                                                                     anchor, under, bar)
+            if under_ref is not None:
+                options["under"] = under_ref
         task_id = bar.add_task(f"train-generator ({arch}{', ' + objective if objective != 'recon' else ''})", total=steps,
                                status="starting")
 
@@ -163,25 +171,35 @@ def train_generator(
     console().print(f"stored [bold]{info.ref}[/bold] sha256:{info.sha256}", soft_wrap=True)
 
 
-def _sft_inputs(reg, tasks: list[str], exclude_tasks: list[str], anchor: str, bar):
-    """(task names, task -> [(prompt, answer)] of their train items, anchor REF or None) for the SFT
-    objective. Tasks: the given zoo names / .jsonl files, else every finished harvest; ``anchor``
-    multitask trains the multitask LoRA of these tasks first when it is not stored yet."""
+def _sft_inputs(reg, tasks: list[str], exclude_tasks: list[str], anchor: str, under: str | None, bar):
+    """(task names, task -> [(prompt, answer)] of their train items, anchor REF or None, under REF or
+    None) for the SFT objective. Tasks: the given zoo names / .jsonl files, else every finished harvest;
+    ``anchor`` or ``under`` multitask trains the multitask LoRA of these tasks first when it is not
+    stored yet."""
     from evaluation.compare import harvested_tasks
-    from harvest.service import harvest_multitask, resolve_task
+    from harvest.service import resolve_task
 
     loaded = [resolve_task(spec) for spec in (tasks or harvested_tasks(reg))]
     loaded = [t for t in loaded if t.name not in set(exclude_tasks)]
     items = {t.name: [(e.prompt, e.answer) for e in t.split("train")] for t in loaded}
-    if anchor in ("none", "retrieved"):  # retrieved: the anchor is found per task from the harvests
-        return [t.name for t in loaded], items, None
-    if anchor != "multitask":
-        return [t.name for t in loaded], items, reg.resolve(anchor).ref
-    task_id = bar.add_task("multitask LoRA (the anchor)", total=None, status="")
+
+    def adapter_ref(value: str | None, role: str) -> str | None:
+        if value in (None, "none", "retrieved"):  # retrieved: the anchor is found per task from the harvests
+            return None
+        return _multitask_ref(reg, loaded, role, bar) if value == "multitask" else reg.resolve(value).ref
+
+    return [t.name for t in loaded], items, adapter_ref(anchor, "the anchor"), adapter_ref(under, "under the generated")
+
+
+def _multitask_ref(reg, loaded: list, role: str, bar) -> str:
+    """The multitask LoRA of the ``loaded`` tasks: trained first (progress shown) when not stored yet."""
+    from harvest.service import harvest_multitask
+
+    task_id = bar.add_task(f"multitask LoRA ({role})", total=None, status="")
     summary = harvest_multitask(reg, loaded, on_step=lambda step, loss: bar.update(task_id, completed=step,
                                                                                  status=f"loss {loss:.3f}"))
     bar.update(task_id, status="already trained" if summary.skipped else f"stored {summary.refs[-1]}")
-    return [t.name for t in loaded], items, summary.refs[-1]
+    return summary.refs[-1]
 
 
 def console_err():

@@ -24,6 +24,7 @@ def compose(
     weights: Annotated[str, typer.Option("--weights", help="uniform (1/k) or softmax of the retrieval scores.")] = "uniform",
     weight: Annotated[list[float], typer.Option("--weight", help="With --from: one weight per adapter, in order (default uniform).")] = [],
     temperature: Annotated[float, typer.Option(help="Softmax temperature for --weights softmax.")] = 1.0,
+    add: Annotated[list[str], typer.Option("--add", help="When retrieving: add this adapter at full weight to the composition (repeatable REF; e.g. the multitask LoRA under the selected adapter: ΔW summed, ranks stacked).")] = [],
     exclude_task: Annotated[list[str], typer.Option("--exclude-task", help="Leave this task's adapters out of the pool (repeatable).")] = [],
     one_per_task: Annotated[bool, typer.Option("--one-per-task/--all-versions", help="k distinct tasks, the best checkpoint of each, so mixture and fusion really mix (default); --all-versions lets checkpoints of one task fill the k slots.")] = True,
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Only adapters of this base model (default: the top hit's).")] = None,
@@ -48,6 +49,8 @@ def compose(
         raise RegistryError("give exactly one of --prompts FILE, --task T or --from REF")
     if weight and not from_refs:
         raise RegistryError("--weight goes with --from; use --weights uniform|softmax when retrieving")
+    if add and from_refs:
+        raise RegistryError("--add goes with retrieval (--prompts or --task); with --from, name every adapter there")
     extra = {"density": density, "svd_rank": svd_rank, "seed": seed}
     task_name = None
     if from_refs:
@@ -66,7 +69,7 @@ def compose(
             info = service.compose_adapter(reg, query, k, strategy, name, exclude_tasks=exclude_task,
                                            weights_mode=weights, temperature=temperature, task=task_name,
                                            base_model=base_model, kind=kind or None, one_per_task=one_per_task,
-                                           precision=precision, **extra)
+                                           precision=precision, add=add, **extra)
     seconds = time.perf_counter() - start
     timing = dict(info.recipe.get("timing_s", {}))
     # the rest: imports, opening the registry, storing the new version

@@ -12,7 +12,8 @@ Methods: ``base``; ``oracle`` (the task's own harvest); ``multitask`` (Text-to-L
 selection; candidates are the task's family members, then its nearest adapters, at most
 ``best_other_max``); ``training_mean`` (per-item mean over ``training_mean_max`` training LoRAs);
 ``selection`` / ``mixture`` / ``fusion`` (what ``registry compose --task T -k K --strategy S`` does
-with this pool); ``dnd`` / ``cvae`` and their controls ``<gen>_other`` (conditioned on another
+with this pool); ``selection_multitask`` (the selected adapter plus the split's multitask LoRA, their
+weight deltas summed: ``registry compose --strategy selection -k 1 --add MULTITASK``); ``dnd`` / ``cvae`` and their controls ``<gen>_other`` (conditioned on another
 held-out task's prompts) and ``<gen>_random`` (random strings of the same lengths).
 
 Each row is cached under ``<out>/rows/`` by a hash of everything that decides it (task items,
@@ -34,9 +35,10 @@ from pathlib import Path
 from harvest.evaluate import DEFAULT_EVAL_BATCH
 from harvest.service import final_adapter
 from evaluation.protocols import PROTOCOLS, Split, custom_split, families_split, spread, variants_split
-from evaluation.report import MethodResult, write_report
+from evaluation.report import RETRIEVAL, MethodResult, write_report
 
-RETRIEVAL_METHODS = ("selection", "mixture", "fusion")
+RETRIEVAL_METHODS = RETRIEVAL  # the retrieval compositions (evaluation.report compares the best of them)
+ON_MULTITASK = ("multitask", "selection_multitask")  # methods that use the split's multitask LoRA
 GENERATORS = ("dnd", "cvae", "sft")  # sft: the DnD decoder trained through the base model
 CONTROLS = tuple(f"{g}_{c}" for g in GENERATORS for c in ("other", "random"))
 ALL_METHODS = ("base", "oracle", "multitask", "best_other", "training_mean", *RETRIEVAL_METHODS, *GENERATORS, *CONTROLS)
@@ -267,7 +269,7 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
     context.notes.append(f"[{label}] training tasks ({len(training)}) = retrieval pool: their final harvested "
                          f"adapters; k={settings.k}, one adapter per task")
     wanted = set(settings.methods)
-    if "multitask" in wanted or _wants(wanted, "sft") or (_wants(wanted, "cvae") and settings.cvae_anchored):
+    if wanted & set(ON_MULTITASK) or _wants(wanted, "sft") or (_wants(wanted, "cvae") and settings.cvae_anchored):
         # the SFT generator (and an anchored CVAE) starts from it
         from harvest.service import harvest_multitask, resolve_task
 
@@ -324,6 +326,8 @@ def _train_generator(reg, arch: str, split: Split, training: list[str], settings
         retrieved = settings.sft_options.get("retrieved_anchor_k")  # a retrieved anchor replaces the multitask one
         options = dict(settings.sft_options, objective="sft", task_items=_train_items(training, tasks),
                        anchor=None if retrieved else multitask_ref)
+        if options.get("under") == "multitask":  # --sft-under-multitask: this split's multitask LoRA
+            options["under"] = multitask_ref
     # held-out tasks without a harvest have nothing to exclude (the training set names only harvests)
     held_harvested = [t for t in split.held_out if reg.list_adapters(kind="harvested", task=t)]
     artifact = train_generator_from_registry(
@@ -352,7 +356,7 @@ def _row(reg, out: Path, method: str, task, split: Split, context: _SplitContext
                   k=settings.k, limit=settings.limit, prompts=prompts, base=context.base_model,
                   pool=context.pool if method in (*RETRIEVAL_METHODS, "best_other", "training_mean") else None,
                   generator=context.generators.get(arch) if arch else None,
-                  multitask=context.multitask_ref if method == "multitask" else None,
+                  multitask=context.multitask_ref if method in ON_MULTITASK else None,
                   caps=(settings.best_other_max, settings.training_mean_max), batch=settings.batch_size)
     path = _row_path(out, task.name, method, key)
     cached = _load_row(path)
@@ -414,10 +418,12 @@ def _run_method(reg, method, task, prompts, split: Split, context: _SplitContext
         from retrieval.service import compose_adapter
 
         start = time.perf_counter()
-        info = compose_adapter(reg, prompts, k=settings.k, strategy=method,
+        plus_multitask = method == "selection_multitask"
+        info = compose_adapter(reg, prompts, k=1 if plus_multitask else settings.k,
+                               strategy="selection" if plus_multitask else method,
                                name=f"bench-{split.protocol}-{task.name}-{method}",
                                exclude_tasks=context.exclude_from_pool, kind="harvested", one_per_task=True,
-                               task=task.name)
+                               task=task.name, add=[context.multitask_ref] if plus_multitask else ())
         seconds = time.perf_counter() - start
         return MethodResult(task.name, method, _evaluate_ref(reg, task, info.ref, settings), seconds, info.ref,
                             {"parents": info.parents})

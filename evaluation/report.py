@@ -21,6 +21,7 @@ METHOD_LABELS = {
     "selection": "retrieve: selection",
     "mixture": "retrieve: mixture",
     "fusion": "retrieve: fusion",
+    "selection_multitask": "retrieve: selection + multitask LoRA",
     "dnd": "DnD generated",
     "dnd_other": "DnD, another task's prompts",
     "dnd_random": "DnD, random strings",
@@ -31,7 +32,7 @@ METHOD_LABELS = {
     "sft_other": "SFT DnD, another task's prompts",
     "sft_random": "SFT DnD, random strings",
 }
-RETRIEVAL = ("selection", "mixture", "fusion")
+RETRIEVAL = ("selection", "mixture", "fusion", "selection_multitask")
 
 
 @dataclass

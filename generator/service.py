@@ -177,9 +177,12 @@ def generate_adapter(reg, prompts: Sequence[str], name: str, generator_ref: str 
     anchors = measured.get("anchor_adapters") or []  # a retrieved anchor: the adapters it fused, equal shares
     if anchors:
         recipe["anchor_adapters"] = anchors
+    under = measured.get("under_adapter")  # the adapter stacked under it, at full weight
+    if under:
+        recipe["under_adapter"] = under
     info = reg.add_weights(name, state_dict, peft_config, kind="generated", task=task, prompts=prompts,
                            prompt_embeddings=vectors, tags=tags, recipe=recipe,
-                           parents=[(ref, 1.0 / len(anchors)) for ref in anchors])
+                           parents=[(ref, 1.0 / len(anchors)) for ref in anchors] + ([(under, 1.0)] if under else []))
     measured["store_s"] = time.perf_counter() - start
     measured["total_s"] += measured["store_s"]
     if timings is not None:

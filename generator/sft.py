@@ -38,7 +38,8 @@ rebuilt per step and the graph runs from the loss back into the decoder.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -204,6 +205,34 @@ class FunctionalLora:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def stacked_lora(parts: Sequence[tuple[Mapping[str, Tensor], float]], layout: LoraLayout, scaling: float
+                 ) -> dict[str, Tensor]:
+    """LoRAs of one layout, each ``(state dict, its scaling)``, as one LoRA of rank ``Σ r_i`` whose
+    scaling is ``scaling``: ``ΔW = Σ s_i B_i A_i`` (A's stacked along the rank, each ``s_i / scaling``
+    folded into its B). How a generated adapter carries the adapter it was trained on top of."""
+    stacked = {}
+    for m in layout.modules:
+        stacked[m.a_key] = torch.cat([sd[m.a_key].float() for sd, _ in parts], dim=0).contiguous()   # (Σr, in)
+        stacked[m.b_key] = torch.cat([sd[m.b_key].float() * (s / scaling) for sd, s in parts],
+                                     dim=1).contiguous()                                           # (out, Σr)
+    return stacked
+
+
+@contextmanager
+def fixed_lora(model: nn.Module, layout: LoraLayout, grid: Tensor | None, scaling: float | None, device=None):
+    """Within the block, ``model`` runs with the LoRA ``grid`` (T, h, w) added by its own hooks (None:
+    nothing); a generated LoRA's hooks then add on top of it."""
+    if grid is None:
+        yield
+        return
+    hooks = FunctionalLora(model, layout, scaling)
+    hooks.weights = lora_factors(grid.to(device) if device is not None else grid, layout)
+    try:
+        yield
+    finally:
+        hooks.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
                   seed: int = 0, save_every: int = 50, grad_clip: float = 1.0, precision: str | None = None,
                   base_model: str | None = None, recon_weight: float = 0.0, contrast_weight: float = 0.0,
                   retrieved_anchor_k: int = 0, anchor_training: str = "others", head: str = "residual",
-                  **decoder_options):
+                  under: str | None = None, **decoder_options):
     """Train the DnD decoder through the frozen base (``generator.sft``) and store it (``ArtifactInfo``).
 
     ``batch_size`` is the number of tasks per step, each with ``items_per_task`` items; ``anchor`` a
@@ -136,6 +136,11 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     "own" (as at generation: its nearest adapters, itself first, so train and test anchors agree where
     the unseen task's nearest adapter is the right one, and the residual refines it; paraphrase split,
     README).
+    ``under`` (a REF, e.g. the multitask LoRA) is an adapter the generated LoRA sits on: applied to
+    the frozen base throughout training, so the decoder learns what to add to it, and stacked under
+    every generated adapter (``generator.sft.stacked_lora``; rank doubles). On the paraphrase split
+    the selected adapter plus the multitask LoRA beat both alone (README), and the residual can learn
+    where the two interfere.
     ``head`` "gated" replaces the decoder + residual head by ``generator.sft.RankGatedGenerator``: the
     anchor LoRA trained on every task, its rank components scaled by gains read from the prompts."""
 
@@ -144,8 +149,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     from generator.dnd import DnDConfig, DnDDecoder
     from generator.dnd_service import _encoder_for, _embed_prompts
     from generator.sft import (DEFAULT_ROUTER_TEMPERATURE, RankGatedGenerator, ResidualHead, SFTGenerator, SFTTask,
-                               embedding_standardiser, fused_anchor, nearest_pool, pool_centroids, router_keys,
-                               train_sft)
+                               embedding_standardiser, fixed_lora, fused_anchor, nearest_pool, pool_centroids,
+                               router_keys, train_sft)
     from generator.tokenizer import layout_from_state_dict, stack_token_grids, state_dict_to_tokens
     from generator.training import resolve_device
     from registry.lm import encode_example, use_training_attention
@@ -168,9 +173,9 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
                              "'others' only with a retrieved anchor")
     if head not in HEADS:
         raise GeneratorError(f"unknown SFT head {head!r} (one of {', '.join(HEADS)})")
-    if head in GATED_HEADS and (retrieved_anchor_k or recon_weight or set(decoder_options) - {"prompt_tokens"}):
-        raise GeneratorError(f"the {head} head takes a fixed anchor only: no retrieved anchor, reconstruction "
-                             "term or decoder options")
+    if head in GATED_HEADS and (retrieved_anchor_k or under or recon_weight or set(decoder_options) - {"prompt_tokens"}):
+        raise GeneratorError(f"the {head} head takes a fixed anchor only: no retrieved anchor, adapter under it, "
+                             "reconstruction term or decoder options")
     task_items = training_items(task_items, tasks, exclude_tasks, items_per_task)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
@@ -191,6 +196,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         anchor_tokens = pool[1].mean(dim=0)  # the fixed anchor (scale; nothing retrieved): the pool's mean
     if anchor is not None:
         anchor_info, anchor_tokens = adapter_tokens(reg, anchor, layout)
+    under_info, under_tokens = adapter_tokens(reg, under, layout) if under is not None else (None, None)
+    under_scaling = lora_scaling(reg.load_weights(under_info.ref)[1]) if under_info else None
 
     status("loading the base model and the prompt encoder")
     from registry import base_models
@@ -228,6 +235,8 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         settings["retrieved_anchor_k"] = retrieved_anchor_k  # (likewise)
     if anchor_training != "others":
         settings["anchor_training"] = anchor_training  # (likewise)
+    if under_info is not None:
+        settings["under"] = under_info.digest  # (likewise)
     if head != "residual":
         settings["head"] = head  # (likewise)
         settings["router_input"] = "standardised"  # the router reads (e - centre) / spread (a first try did not)
@@ -255,14 +264,15 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         wall_before = float(record.get("wall_time_s", 0.0)) if record else 0.0
         resumed_from = state.step
         status(f"training on {device} through the base model" + (f", resuming at step {resumed_from}" if resumed_from else ""))
-        generator, state, wall_time = run_chunked_training(
-            work, generator, state, steps=steps, save_every=save_every, on_step=on_step, wall_before=wall_before,
-            record={"fingerprint": fingerprint, "name": name},
-            train_chunk=lambda gen, st, target, on_chunk_step: train_sft(
-                gen, model, sft_tasks, layout, steps=target, scaling=scaling, pad_id=tokenizer.pad_token_id,
-                lr=lr, tasks_per_step=batch_size, items_per_task=items_per_task, grad_clip=grad_clip, state=st,
-                device=device, precision=precision, recon_weight=recon_weight, contrast_weight=contrast_weight,
-                on_step=on_chunk_step))
+        with fixed_lora(model, layout, under_tokens, under_scaling, device):  # the adapter under the generated one
+            generator, state, wall_time = run_chunked_training(
+                work, generator, state, steps=steps, save_every=save_every, on_step=on_step, wall_before=wall_before,
+                record={"fingerprint": fingerprint, "name": name},
+                train_chunk=lambda gen, st, target, on_chunk_step: train_sft(
+                    gen, model, sft_tasks, layout, steps=target, scaling=scaling, pad_id=tokenizer.pad_token_id,
+                    lr=lr, tasks_per_step=batch_size, items_per_task=items_per_task, grad_clip=grad_clip, state=st,
+                    device=device, precision=precision, recon_weight=recon_weight, contrast_weight=contrast_weight,
+                    on_step=on_chunk_step))
         data.prompts = {t: [p for p, _ in items] for t, items in task_items.items()}
         data.checkpoints = {t: [] for t in task_items}
         meta = {
@@ -279,6 +289,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
             "head": head,
             **({"router_tasks": [t.name for t in sft_tasks]} if head == "routed" else {}),
             "anchor": anchor_info.ref if anchor_info else ("retrieved" if pool else None),
+            **({"under": under_info.ref, "under_scaling": under_scaling} if under_info else {}),
             **({"anchor_pool": pool[0], "anchor_k": retrieved_anchor_k} if pool else {}),
             "items_per_task": {t: len(v) for t, v in task_items.items()},
             "scaling": scaling,
@@ -351,26 +362,44 @@ def retrieved_anchor(reg, loaded: LoadedGenerator, vectors) -> tuple[object, lis
     import torch
 
     from generator.sft import fused_anchor, nearest_pool
-    from generator.tokenizer import state_dict_to_tokens
-    from registry.errors import RegistryError
 
     tasks = list(loaded.task_vectors)
     centroids = torch.stack([loaded.task_vectors[t] for t in tasks])  # (N, C)
     refs = [loaded.meta["anchor_pool"][tasks[i]]
             for i in nearest_pool(torch.as_tensor(vectors).float().cpu(), centroids, int(loaded.meta["anchor_k"]))]
-    grids = []
-    for ref in refs:
-        key = (str(reg.home), ref, loaded.layout.fingerprint)
-        if key not in _POOL_GRIDS:
-            try:
-                state_dict, _ = reg.load_weights(ref)
-            except RegistryError as err:  # a deleted or corrupted pool adapter: say which
-                raise GeneratorError(f"generator {loaded.ref} cannot fuse its anchor adapter {ref}: {err}") from None
-            if len(_POOL_GRIDS) >= _POOL_GRIDS_MAX:
-                _POOL_GRIDS.pop(next(iter(_POOL_GRIDS)))
-            _POOL_GRIDS[key] = state_dict_to_tokens(state_dict, loaded.layout).float()
-        grids.append(_POOL_GRIDS[key])
-    return fused_anchor(grids), refs
+    return fused_anchor([_stored_grid(reg, loaded, ref, "fuse its anchor adapter") for ref in refs]), refs
+
+
+def _stored_grid(reg, loaded: LoadedGenerator, ref: str, use: str):
+    """A stored adapter the generator builds on, as its layout's token grid (T, h, w); cached per process."""
+    from generator.tokenizer import state_dict_to_tokens
+    from registry.errors import RegistryError
+
+    key = (str(reg.home), ref, loaded.layout.fingerprint)
+    if key not in _POOL_GRIDS:
+        try:
+            state_dict, _ = reg.load_weights(ref)
+        except RegistryError as err:  # a deleted or corrupted adapter: say which
+            raise GeneratorError(f"generator {loaded.ref} cannot {use} {ref}: {err}") from None
+        if len(_POOL_GRIDS) >= _POOL_GRIDS_MAX:
+            _POOL_GRIDS.pop(next(iter(_POOL_GRIDS)))
+        _POOL_GRIDS[key] = state_dict_to_tokens(state_dict, loaded.layout).float()
+    return _POOL_GRIDS[key]
+
+
+def with_under(reg, loaded: LoadedGenerator, state_dict: dict, peft_config: dict) -> tuple[dict, dict]:
+    """A generated LoRA with the adapter it was trained on top of (``meta["under"]``) stacked under it:
+    ``(state dict, adapter_config)`` of rank ``2r`` and the generator's scaling (``stacked_lora``)."""
+    from generator.sft import stacked_lora
+    from generator.tokenizer import tokens_to_state_dict
+
+    under = tokens_to_state_dict(_stored_grid(reg, loaded, loaded.meta["under"], "add the adapter under it,"),
+                                 loaded.layout)
+    scaling = float(loaded.meta["scaling"])
+    stacked = stacked_lora([(state_dict, scaling), (under, float(loaded.meta["under_scaling"]))], loaded.layout, scaling)
+    rank = 2 * int(peft_config["r"])
+    alpha = scaling * (rank ** 0.5 if peft_config.get("use_rslora") else rank)
+    return stacked, {**peft_config, "r": rank, "lora_alpha": alpha}
 
 
 def generate_dnd_sft(reg, prompts: list[str], generator_ref, base_model, device, pooled: bool,
@@ -400,7 +429,9 @@ def generate_dnd_sft(reg, prompts: list[str], generator_ref, base_model, device,
     with torch.inference_mode(), autocast(precision, loaded.device):
         groups = group_prompts(condition.to(loaded.device).float(), generator.config.n_prompts)  # (G, N, L, C)
         weights = generator.weights(groups, anchor).float().cpu()                                # (T, h, w)
-    state_dict = tokens_to_state_dict(weights, loaded.layout)
+    state_dict, peft_config = tokens_to_state_dict(weights, loaded.layout), generator_peft_config(loaded.meta)
+    if loaded.meta.get("under"):
+        state_dict, peft_config = with_under(reg, loaded, state_dict, peft_config)
     t_decoded = time.perf_counter()
     vectors = vectors if pooled and loaded.meta.get("encoder") == reg.encoder_id else None
     timings = {"load_s": 0.0 if cached else t_loaded - start, "encoder_s": t_encoder - t_loaded,
@@ -410,7 +441,9 @@ def generate_dnd_sft(reg, prompts: list[str], generator_ref, base_model, device,
                "arch": "dnd-sft", "precision": precision}
     if anchor_refs:
         timings["anchor_adapters"] = anchor_refs
-    return state_dict, generator_peft_config(loaded.meta), timings, vectors
+    if loaded.meta.get("under"):
+        timings["under_adapter"] = loaded.meta["under"]
+    return state_dict, peft_config, timings, vectors
 
 
 # the SFT-trained DnD generator behind the ``GeneratorBackend`` interface (``generator.backend``)

@@ -93,6 +93,23 @@ def compose_from_hits(reg: "Registry", hits: Sequence["SearchHit"], strategy: st
                           svd_rank=svd_rank, seed=seed, **strategy_kwargs)
 
 
+def add_adapters(reg: "Registry", state_dict: dict, peft_config: dict, added: Sequence[str]
+                 ) -> tuple[dict, dict, list[tuple[str, float]]]:
+    """A composed adapter plus the ``added`` adapters at full weight: ``ΔW = ΔW_composed + Σ ΔW_added``,
+    their factors stacked along the rank (``cat``, weights 1). This puts a generic adapter (the
+    multitask LoRA) under a retrieved one: on the paraphrase split the selected adapter plus the
+    multitask LoRA beat both alone (README). Returns ``(state_dict, peft_config, added parents)``."""
+    from retrieval.compose import LoraAdapter, compose_adapters, peft_config_dict
+
+    composed = LoraAdapter(state_dict=state_dict, rank=int(peft_config["r"]), alpha=float(peft_config["lora_alpha"]),
+                           use_rslora=bool(peft_config.get("use_rslora", False)),
+                           base_model=peft_config.get("base_model_name_or_path"), name="composed",
+                           extra_config={"task_type": peft_config.get("task_type") or "CAUSAL_LM"})
+    extras = [load_lora(reg, ref) for ref in added]
+    summed = compose_adapters([composed, *extras], [1.0] * (1 + len(extras)), "cat")
+    return dict(summed.state_dict), _json_safe(peft_config_dict(summed)), [(a.name, 1.0) for a in extras]
+
+
 def _match_for(strategy: str) -> str:
     from retrieval.compose import EQUAL_RANK_STRATEGIES
 
@@ -110,7 +127,7 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
                     kind: str | Sequence[str] | None = None, one_per_task: bool = False,
                     match: str | None = None, density: float | None = None, svd_rank: int | None = None,
                     seed: int | None = None, tags: Iterable[str] = (), precision: str | None = None,
-                    **strategy_kwargs) -> "AdapterInfo":
+                    add: Sequence[str] = (), **strategy_kwargs) -> "AdapterInfo":
     """Retrieve the k adapters nearest to ``prompts``, compose them and store a ``composed`` adapter.
 
     The new version records lineage (parents with their weights) and a recipe: ``strategy``, ``k``,
@@ -121,11 +138,14 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
     ``match`` defaults to ``"layout"`` for equal-rank strategies and ``"modules"`` otherwise.
     ``precision`` (``auto`` when None, ``fp32``, ``bf16``; recorded in the recipe) is the one the query
     is embedded in; the composition itself is weight arithmetic (sums, SVDs) and stays float32.
+    ``add`` names adapters summed at full weight onto the composition (:func:`add_adapters`; recorded
+    as parents with weight 1 and in the recipe's ``added``).
     Nothing is written when anything fails.
     """
     from registry.refs import validate_name
 
     check_k(k)
+    added = [reg.resolve(ref).ref for ref in add]  # an unknown REF fails before anything is computed
     _check_strategy(strategy, weights_mode)
     precision = resolve_precision(precision)
     kinds = pool_kinds(kind)
@@ -143,6 +163,9 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
     state_dict, peft_config, parents = compose_from_hits(reg, hits, strategy, weights_mode, temperature,
                                                          density=density, svd_rank=svd_rank, seed=seed,
                                                          **strategy_kwargs)
+    if added:
+        state_dict, peft_config, added_parents = add_adapters(reg, state_dict, peft_config, added)
+        parents = [*parents, *added_parents]
     composed = time.perf_counter()
     recipe = {
         "strategy": strategy,
@@ -162,6 +185,7 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
         "encoder": reg.encoder_id,
         "precision": precision,
         **_strategy_recipe(density, svd_rank, seed, strategy_kwargs),
+        **({"added": added} if added else {}),
         "timing_s": {"retrieve": round(retrieved - start, 4), "compose": round(composed - retrieved, 4)},
     }
     return reg.add_weights(name, state_dict, peft_config, kind="composed", task=task, prompts=texts,

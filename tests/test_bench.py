@@ -76,6 +76,10 @@ def test_bench_v2_both_protocols_every_method_and_resume(harvested, tmp_path):
                 assert {p["ref"].split("@")[0] for p in row["extra"]["parents"]} <= training
             if method == "best_other":
                 assert {ref.split("@")[0] for ref in row["extra"]["candidates"]} <= training
+            if method == "selection_multitask":  # the selected training adapter plus the split's multitask LoRA
+                selected = rows[(protocol, task, "selection")]["extra"]["parents"]
+                multitask_ref = rows[(protocol, task, "multitask")]["adapter_ref"]
+                assert row["extra"]["parents"] == [*selected, {"ref": multitask_ref, "weight": 1.0}]
             if method == "dnd_other":
                 assert row["extra"]["condition_task"] in splits[protocol]["held_out"] and row["extra"]["condition_task"] != task
         multitask = reg.resolve(rows[("families", "word_count", "multitask")]["adapter_ref"])
@@ -188,6 +192,7 @@ def test_bench_controls_borrow_prompts_from_held_out_task_files(harvested, tmp_p
     (["--sft-items-per-task", "0"], "--sft-items-per-task must be >= 1"),
     (["--cvae-objective", "both"], "--cvae-objective must be recon or sft, not 'both'"),
     (["--sft-head", "gated", "--sft-anchor-k", "2"], "--sft-head gated starts from the multitask LoRA"),
+    (["--sft-under-multitask"], "--sft-under-multitask goes with --sft-anchor-k"),
 ])
 def test_bench_bad_input_is_one_line_and_writes_nothing(harvested, tmp_path, cli, args, message):
     out = tmp_path / "r"

@@ -228,6 +228,19 @@ def test_nearest_pool_ranks_by_prompt_centroid_and_never_returns_the_excluded_ta
     torch.testing.assert_close(fused_anchor(grids), torch.full((2, 1, 3), 2.0))
 
 
+def test_stacked_lora_sums_the_weight_deltas_at_each_scaling(setting):
+    from generator.sft import stacked_lora
+
+    layout = setting["layout"]
+    first = setting["state"]
+    second = {k: torch.randn_like(v) for k, v in first.items()}
+    stacked = stacked_lora([(first, 2.0), (second, 0.5)], layout, scaling=1.0)
+    for m in layout.modules:
+        expected = 2.0 * first[m.b_key] @ first[m.a_key] + 0.5 * second[m.b_key] @ second[m.a_key]
+        assert stacked[m.a_key].shape[0] == 2 * m.rank
+        torch.testing.assert_close(1.0 * stacked[m.b_key] @ stacked[m.a_key], expected)
+
+
 def test_residual_head_takes_a_retrieved_anchor_in_place_of_its_fixed_one(setting):
     layout = setting["layout"]
     fixed = state_dict_to_tokens(setting["state"], layout)
@@ -276,6 +289,29 @@ def test_train_generator_sft_with_a_retrieved_anchor(cli, registry_home, tiny_ba
     own = json.loads(out)
     assert own["ref"] != trained["ref"] and own["meta"]["training"]["anchor_training"] == "own"
     assert "anchor_training" not in meta["training"]  # the leave-one-out default keeps earlier fingerprints
+    # on top of a fixed adapter (--under): trained with it under the generated LoRA, stacked under each output
+    code, out, err = cli("train-generator", "--objective", "sft", "--anchor", "retrieved", "--anchor-k", "1",
+                         "--anchor-train", "own", "--under", refs["letter_count"], *tasks, *tiny, "--json")
+    assert code == 0, err
+    under = json.loads(out)
+    assert under["meta"]["under"] == refs["letter_count"] and under["ref"] != own["ref"]
+    code, out, err = cli("generate", "--task", "add_sub", "--name", "gen-under", "--generator", under["ref"], "--json")
+    assert code == 0, err
+    stacked = json.loads(out)
+    assert stacked["rank"] == 8 and stacked["parents"] == [{"ref": refs["add_sub"], "weight": 1.0},
+                                                           {"ref": refs["letter_count"], "weight": 1.0}]
+    with Registry.open(registry_home) as reg:
+        weights, config = reg.load_weights(stacked["ref"])
+        below, below_config = reg.load_weights(refs["letter_count"])
+    assert config["r"] == 8 and config["lora_alpha"] / 8 == below_config["lora_alpha"] / below_config["r"]
+    for key, value in below.items():  # the adapter under it: the second half of the rank, unchanged
+        key = next(k for k in weights if k.endswith(key.removeprefix("base_model.model.")))
+        part = value if "lora_A" in key else value.T
+        stacked_part = weights[key][4:] if "lora_A" in key else weights[key][:, 4:].T
+        torch.testing.assert_close(stacked_part, part.float())
+    code, _, err = cli("train-generator", "--objective", "sft", "--under", "multitask", "--anchor", "multitask",
+                       *tasks, *tiny)
+    assert code != 0 and "is already the anchor" in err and "Traceback" not in err
     code, _, err = cli("train-generator", "--objective", "sft", "--anchor", "retrieved", "--anchor-train", "self",
                        *tasks, *tiny)
     assert code != 0 and "--anchor-train must be one of others, own" in err and "Traceback" not in err

@@ -230,6 +230,20 @@ def test_selection_keeps_the_top_adapter(reg, zoo):
     assert all(torch.equal(original[key], chosen[key]) for key in original)
 
 
+def test_selection_plus_an_added_adapter_sums_their_weight_deltas(reg, zoo):
+    """``add``: the composition plus a fixed adapter at full weight, ΔW = ΔW_selected + ΔW_added."""
+    from retrieval.service import compose_adapter, load_lora
+
+    info = compose_adapter(reg, QUERIES["arithmetic"], k=1, strategy="selection", name="pick-plus", add=["cook@1"])
+    top = info.recipe["retrieved"][0]
+    assert info.parents == [{"ref": top, "weight": 1.0}, {"ref": "cook@1", "weight": 1.0}]
+    assert info.recipe["added"] == ["cook@1"] and info.rank == 8  # two rank-4 adapters, ranks stacked
+    summed, selected, added = load_lora(reg, info.ref), load_lora(reg, top), load_lora(reg, "cook@1")
+    for module in selected.modules:
+        torch.testing.assert_close(summed.delta_weight(module),
+                                   selected.delta_weight(module) + added.delta_weight(module))
+
+
 # --- the CLI --------------------------------------------------------------------------------------------
 
 
@@ -255,6 +269,9 @@ def bad_pool(reg, zoo, adapter_dirs):
     (["--prompts", "QUERY", "--strategy", "blend"], "unknown strategy 'blend'"),
     (["--prompts", "QUERY", "--weights", "argmax"], "unknown weights mode"),
     (["--prompts", "QUERY", "--from", "math@1"], "exactly one of"),
+    (["--prompts", "QUERY", "--add", "nope@1"], "no adapter matches nope@1"),
+    (["--prompts", "QUERY", "--add", "wide@1"], "different base models"),
+    (["--from", "math@1", "--add", "cook@1"], "--add goes with retrieval"),
     ([], "exactly one of"),
     (["--prompts", "EMPTY"], "holds no prompts"),
     (["--prompts", "QUERY", "--name", "../evil"], "invalid name"),
