@@ -451,6 +451,15 @@ def test_compose_and_generate_with_the_real_backends(client, reg):
     assert response.status_code == 201, response.content
     assert response.json()["parents"] == [{"ref": "math@1", "weight": 1.0}]
     assert client.get(f"/v1/adapters/cmp@1/files/{WEIGHTS}").status_code == 200
+    before = registry_state(reg)
+    response = client.post("/v1/compose", json={"prompts": ["Add 1 and 2."], "name": "cmp", "k": 1,
+                                                "strategy": "selection", "add": ["nope@1"]}, headers=auth)
+    assert "nope@1" in assert_json_error(response.status_code, response.content, 404)
+    assert registry_state(reg) == before
+    response = client.post("/v1/compose", json={"prompts": ["Add 1 and 2."], "name": "cmp", "k": 1,
+                                                "strategy": "selection", "add": ["math@1"]}, headers=auth)
+    assert response.status_code == 201, response.content
+    assert response.json()["parents"] == [{"ref": "math@1", "weight": 1.0}, {"ref": "math@1", "weight": 1.0}]
 
 
 def test_protected_reads(reg, seeded):

@@ -115,6 +115,9 @@ class ComposeBody(BaseModel):
     task: str | None = Field(None, max_length=128, description="Task name recorded on the new adapter.")
     exclude_tasks: list[Annotated[str, Field(max_length=128)]] = Field(
         default_factory=list, max_length=100, description="Leave these tasks' adapters out of retrieval.")
+    add: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list, max_length=8,
+        description="REFs added at full weight to the composition (e.g. the multitask LoRA under the selected adapter).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +331,8 @@ def create_app(registry=None, *, home: str | os.PathLike | None = None, token: s
         extra = {"task": body.task} if body.task else {}
         if body.exclude_tasks:
             extra["exclude_tasks"] = body.exclude_tasks
+        if body.add:
+            extra["add"] = body.add
         with model_lock:
             follower.catch_up()  # retrieval searches the index: see what other processes added
             result = function(registry, body.prompts, k=body.k, strategy=body.strategy, name=body.name, **extra)
