@@ -75,9 +75,9 @@ def training_items(task_items: Mapping, tasks: Sequence[str] | None, exclude_tas
     return chosen
 
 
-def adapter_tokens(reg, ref: str, layout):
+def adapter_tokens(reg, ref: str, layout, role: str = "anchor"):
     """A stored adapter as the token grid (T, h, w) of ``layout``: ``(its AdapterInfo, grid)``; the
-    anchor a generated LoRA starts from."""
+    anchor a generated LoRA starts from, or (``role``) the adapter under it."""
     from safetensors.torch import load_file
 
     from generator.tokenizer import state_dict_to_tokens
@@ -87,7 +87,7 @@ def adapter_tokens(reg, ref: str, layout):
     try:
         return info, state_dict_to_tokens(state_dict, layout)
     except (KeyError, ValueError) as err:
-        raise GeneratorLayoutError(f"anchor {info.ref} does not fit the generator's LoRA layout: {err}") from None
+        raise GeneratorLayoutError(f"{role} {info.ref} does not fit the generator's LoRA layout: {err}") from None
 
 
 def _anchor_pool(data, layout):
@@ -196,7 +196,7 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
         anchor_tokens = pool[1].mean(dim=0)  # the fixed anchor (scale; nothing retrieved): the pool's mean
     if anchor is not None:
         anchor_info, anchor_tokens = adapter_tokens(reg, anchor, layout)
-    under_info, under_tokens = adapter_tokens(reg, under, layout) if under is not None else (None, None)
+    under_info, under_tokens = adapter_tokens(reg, under, layout, "--under adapter") if under is not None else (None, None)
     under_scaling = lora_scaling(reg.load_weights(under_info.ref)[1]) if under_info else None
 
     status("loading the base model and the prompt encoder")
