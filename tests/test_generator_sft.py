@@ -309,6 +309,14 @@ def test_train_generator_sft_with_a_retrieved_anchor(cli, registry_home, tiny_ba
         part = value if "lora_A" in key else value.T
         stacked_part = weights[key][4:] if "lora_A" in key else weights[key][:, 4:].T
         torch.testing.assert_close(stacked_part, part.float())
+    from conftest import make_tiny_adapter_dir
+
+    with Registry.open(registry_home) as reg:  # an adapter of another layout (rank 2) cannot sit under it
+        misfit = reg.add_directory(make_tiny_adapter_dir(tiny_base_dir, registry_home.parent / "r2", rank=2),
+                                   name="misfit").ref
+    code, _, err = cli("train-generator", "--objective", "sft", "--anchor", "retrieved", "--anchor-k", "1",
+                       "--under", misfit, *tasks, *tiny)
+    assert code != 0 and f"--under adapter {misfit} does not fit" in err and "Traceback" not in err
     code, _, err = cli("train-generator", "--objective", "sft", "--under", "multitask", "--anchor", "multitask",
                        *tasks, *tiny)
     assert code != 0 and "is already the anchor" in err and "Traceback" not in err
