@@ -176,7 +176,7 @@ def train_cvae_sft(reg, *, name: str = "cvae-sft", tasks: Sequence[str] | None =
     cvae_config, normalizer, layout = loaded.model.config, loaded.normalizer, loaded.layout
     del loaded
     scaling = lora_scaling(source.meta["peft_config"])
-    anchor_info, anchor_tokens = adapter_tokens(reg, anchor, layout) if anchor is not None else (None, None)
+    anchor_info, anchor_tokens, _ = adapter_tokens(reg, anchor, layout) if anchor is not None else (None, None, None)
 
     status("stage 2: loading the base model; prompt states and train items")
     model, tokenizer = base_models.load_base(source.meta["base_model"], device=str(device), cached=False,

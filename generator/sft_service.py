@@ -76,16 +76,14 @@ def training_items(task_items: Mapping, tasks: Sequence[str] | None, exclude_tas
 
 
 def adapter_tokens(reg, ref: str, layout, role: str = "anchor"):
-    """A stored adapter as the token grid (T, h, w) of ``layout``: ``(its AdapterInfo, grid)``; the
-    anchor a generated LoRA starts from, or (``role``) the adapter under it."""
-    from safetensors.torch import load_file
-
+    """A stored adapter as the token grid (T, h, w) of ``layout``: ``(its AdapterInfo, grid, its
+    scaling)``; the anchor a generated LoRA starts from, or (``role``) the adapter under it."""
     from generator.tokenizer import state_dict_to_tokens
 
     info = reg.resolve(ref)
-    state_dict = load_file(str(reg.fetch(info.ref) / "adapter_model.safetensors"))
+    state_dict, config = reg.load_weights(info.ref)
     try:
-        return info, state_dict_to_tokens(state_dict, layout)
+        return info, state_dict_to_tokens(state_dict, layout), lora_scaling(config)
     except (KeyError, ValueError) as err:
         raise GeneratorLayoutError(f"{role} {info.ref} does not fit the generator's LoRA layout: {err}") from None
 
@@ -195,9 +193,9 @@ def train_dnd_sft(reg, *, name: str = "dnd-sft", tasks: Sequence[str] | None = N
     if pool is not None:
         anchor_tokens = pool[1].mean(dim=0)  # the fixed anchor (scale; nothing retrieved): the pool's mean
     if anchor is not None:
-        anchor_info, anchor_tokens = adapter_tokens(reg, anchor, layout)
-    under_info, under_tokens = adapter_tokens(reg, under, layout, "--under adapter") if under is not None else (None, None)
-    under_scaling = lora_scaling(reg.load_weights(under_info.ref)[1]) if under_info else None
+        anchor_info, anchor_tokens, _ = adapter_tokens(reg, anchor, layout)
+    under_info, under_tokens, under_scaling = (adapter_tokens(reg, under, layout, "--under adapter")
+                                               if under is not None else (None, None, None))
 
     status("loading the base model and the prompt encoder")
     from registry import base_models
@@ -430,7 +428,8 @@ def generate_dnd_sft(reg, prompts: list[str], generator_ref, base_model, device,
         groups = group_prompts(condition.to(loaded.device).float(), generator.config.n_prompts)  # (G, N, L, C)
         weights = generator.weights(groups, anchor).float().cpu()                                # (T, h, w)
     state_dict, peft_config = tokens_to_state_dict(weights, loaded.layout), generator_peft_config(loaded.meta)
-    if loaded.meta.get("under"):
+    under = loaded.meta.get("under")  # the adapter the generator sits on, stacked under its output
+    if under:
         state_dict, peft_config = with_under(reg, loaded, state_dict, peft_config)
     t_decoded = time.perf_counter()
     vectors = vectors if pooled and loaded.meta.get("encoder") == reg.encoder_id else None
@@ -441,8 +440,8 @@ def generate_dnd_sft(reg, prompts: list[str], generator_ref, base_model, device,
                "arch": "dnd-sft", "precision": precision}
     if anchor_refs:
         timings["anchor_adapters"] = anchor_refs
-    if loaded.meta.get("under"):
-        timings["under_adapter"] = loaded.meta["under"]
+    if under:
+        timings["under_adapter"] = under
     return state_dict, peft_config, timings, vectors
 
 

@@ -30,7 +30,7 @@ def load_lora(reg: "Registry", ref: "str | AdapterInfo") -> "LoraAdapter":
 
     Keys get PEFT's ``base_model.model.`` prefix when they lack it, so adapters stored either way compose.
     """
-    from retrieval.compose import CompositionError, LoraAdapter
+    from retrieval.compose import CompositionError
 
     info = reg.resolve(ref) if isinstance(ref, str) else ref
     state_dict, config = reg.load_weights(info.ref)
@@ -40,9 +40,16 @@ def load_lora(reg: "Registry", ref: "str | AdapterInfo") -> "LoraAdapter":
         raise CompositionError(f"{info.ref}: DoRA adapters cannot be composed")
     state_dict = {key if key.startswith(PEFT_PREFIX) else PEFT_PREFIX + key: value
                   for key, value in state_dict.items()}
+    return lora_with_config(state_dict, config, info.ref, info.base_model)
+
+
+def lora_with_config(state_dict: dict, config: dict, name: str, base_model: str | None) -> "LoraAdapter":
+    """A PEFT state dict and its adapter_config as a ``LoraAdapter`` (r, lora_alpha, use_rslora, task type)."""
+    from retrieval.compose import LoraAdapter
+
     return LoraAdapter(state_dict=state_dict, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-                       use_rslora=bool(config.get("use_rslora", False)), base_model=info.base_model,
-                       name=info.ref, extra_config={"task_type": config.get("task_type") or "CAUSAL_LM"})
+                       use_rslora=bool(config.get("use_rslora", False)), base_model=base_model,
+                       name=name, extra_config={"task_type": config.get("task_type") or "CAUSAL_LM"})
 
 
 def _check_strategy(strategy: str, weights_mode: str = "uniform") -> None:
@@ -99,12 +106,9 @@ def add_adapters(reg: "Registry", state_dict: dict, peft_config: dict, added: Se
     their factors stacked along the rank (``cat``, weights 1). This puts a generic adapter (the
     multitask LoRA) under a retrieved one: on the paraphrase split the selected adapter plus the
     multitask LoRA beat both alone (README). Returns ``(state_dict, peft_config, added parents)``."""
-    from retrieval.compose import LoraAdapter, compose_adapters, peft_config_dict
+    from retrieval.compose import compose_adapters, peft_config_dict
 
-    composed = LoraAdapter(state_dict=state_dict, rank=int(peft_config["r"]), alpha=float(peft_config["lora_alpha"]),
-                           use_rslora=bool(peft_config.get("use_rslora", False)),
-                           base_model=peft_config.get("base_model_name_or_path"), name="composed",
-                           extra_config={"task_type": peft_config.get("task_type") or "CAUSAL_LM"})
+    composed = lora_with_config(state_dict, peft_config, "composed", peft_config.get("base_model_name_or_path"))
     extras = [load_lora(reg, ref) for ref in added]
     summed = compose_adapters([composed, *extras], [1.0] * (1 + len(extras)), "cat")
     return dict(summed.state_dict), _json_safe(peft_config_dict(summed)), [(a.name, 1.0) for a in extras]
