@@ -61,6 +61,7 @@ def bench(
     sft_anchor_k: Annotated[Optional[int], typer.Option("--sft-anchor-k", help="The SFT generator starts each adapter from the fusion of the k training adapters nearest to the prompts (train-generator --anchor retrieved) instead of the multitask LoRA.")] = None,
     sft_anchor_train: Annotated[Optional[str], typer.Option("--sft-anchor-train", help="With --sft-anchor-k: what a training task retrieves as its anchor, others (default; leave-one-out) or own (itself first, as at generation; train-generator --anchor-train).")] = None,
     sft_under_multitask: Annotated[bool, typer.Option("--sft-under-multitask", help="The SFT generator sits on the split's multitask LoRA: applied under it in training and stacked under every generated adapter (train-generator --under multitask).")] = False,
+    sft_gate: Annotated[bool, typer.Option("--sft-gate", help="With --sft-under-multitask: generate with the entropy gate (generate --gate): the multitask LoRA alone unless the generated adapter lowers the first-token entropy on the task's prompts.")] = False,
     sft_contrast: Annotated[Optional[float], typer.Option("--sft-contrast", help="Weight of the SFT generator's condition-sensitivity hinge (train-generator --contrast-weight; default 0).")] = None,
     sft_head: Annotated[Optional[str], typer.Option("--sft-head", help="The SFT generator's head: residual (default), gated or routed (train-generator --head).")] = None,
     sft_tasks_per_step: Annotated[Optional[int], typer.Option("--sft-tasks-per-step", help="Tasks drawn per SFT step, each with its own generated LoRA (train-generator --batch-size; default 2).")] = None,
@@ -114,6 +115,10 @@ def bench(
         if sft_anchor_k is None:
             raise RegistryError("--sft-under-multitask goes with --sft-anchor-k (the multitask anchor is already the multitask LoRA)")
         settings.sft_options["under"] = "multitask"  # the split's multitask LoRA, resolved when it is trained
+    if sft_gate:
+        if not sft_under_multitask:
+            raise RegistryError("--sft-gate falls back to the adapter under the generator: give --sft-under-multitask")
+        settings.sft_gate = True
     if sft_contrast is not None:
         if sft_contrast < 0:
             raise RegistryError("--sft-contrast must be >= 0")

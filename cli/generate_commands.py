@@ -216,6 +216,7 @@ def generate(
     generator: Annotated[Optional[str], typer.Option(help="Generator artifact REF, DnD or CVAE (default: the latest DnD generator).")] = None,
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Refuse unless the generator targets this base model.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda (default: CUDA when present).")] = None,
+    gate: Annotated[bool, typer.Option("--gate", help="For a generator trained --under an adapter: store that adapter alone unless the base model answers the prompts more surely (lower first-token entropy) with the generated one (costs two forward passes of the base over 16 prompts).")] = False,
     precision: PrecisionOption = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
@@ -236,7 +237,8 @@ def generate(
     timings: dict = {}
     with open_registry(home) as reg:
         info = generate_adapter(reg, prompt_list, name, generator_ref=generator, task=task_name,
-                                base_model=base_model, device=device, timings=timings, precision=precision)
+                                base_model=base_model, device=device, timings=timings, precision=precision,
+                                gate=gate)
     if json_output:
         print_json(info.to_dict() | {"timings": timings})
         return
@@ -246,7 +248,9 @@ def generate(
         f"load generator {_seconds(timings['load_s'])}, "
         f"{'base model' if timings.get('arch') == 'cvae' else 'encoder'} {_seconds(timings['encoder_s'])}, "
         f"{'task vector' if timings.get('arch') == 'cvae' else 'embed'} {_seconds(timings['embed_s'])}, "
-        f"decode {_seconds(timings['decode_s'])}, store {_seconds(timings['store_s'])}; "
+        f"decode {_seconds(timings['decode_s'])}, "
+        + (f"gate {_seconds(timings['gate_s'])} (kept the {timings['gate']['kept']} adapter), " if gate else "")
+        + f"store {_seconds(timings['store_s'])}; "
         f"total {_seconds(timings['total_s'])} ({timings['precision']})", soft_wrap=True)
 
 

@@ -25,6 +25,7 @@ def compose(
     weight: Annotated[list[float], typer.Option("--weight", help="With --from: one weight per adapter, in order (default uniform).")] = [],
     temperature: Annotated[float, typer.Option(help="Softmax temperature for --weights softmax.")] = 1.0,
     add: Annotated[list[str], typer.Option("--add", help="When retrieving: add this adapter at full weight to the composition (repeatable REF; e.g. the multitask LoRA under the selected adapter: ΔW summed, ranks stacked).")] = [],
+    gate: Annotated[bool, typer.Option("--gate", help="With --add: keep the composition only if the base model answers the query prompts more surely with it (lower first-token entropy) than with the --add adapters alone; else store those alone.")] = False,
     exclude_task: Annotated[list[str], typer.Option("--exclude-task", help="Leave this task's adapters out of the pool (repeatable).")] = [],
     one_per_task: Annotated[bool, typer.Option("--one-per-task/--all-versions", help="k distinct tasks, the best checkpoint of each, so mixture and fusion really mix (default); --all-versions lets checkpoints of one task fill the k slots.")] = True,
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Only adapters of this base model (default: the top hit's).")] = None,
@@ -51,6 +52,8 @@ def compose(
         raise RegistryError("--weight goes with --from; use --weights uniform|softmax when retrieving")
     if add and from_refs:
         raise RegistryError("--add goes with retrieval (--prompts or --task); with --from, name every adapter there")
+    if gate and not add:
+        raise RegistryError("--gate chooses between the composition and the --add adapters: give --add")
     extra = {"density": density, "svd_rank": svd_rank, "seed": seed}
     task_name = None
     if from_refs:
@@ -69,7 +72,7 @@ def compose(
             info = service.compose_adapter(reg, query, k, strategy, name, exclude_tasks=exclude_task,
                                            weights_mode=weights, temperature=temperature, task=task_name,
                                            base_model=base_model, kind=kind or None, one_per_task=one_per_task,
-                                           precision=precision, add=add, **extra)
+                                           precision=precision, add=add, gate=gate, **extra)
     seconds = time.perf_counter() - start
     timing = dict(info.recipe.get("timing_s", {}))
     # the rest: imports, opening the registry, storing the new version
@@ -99,6 +102,10 @@ def _print_composed(info, timing: dict) -> None:
         table.add_row(parent["ref"], "-" if weight is None else f"{weight:.4f}",
                       "-" if score is None else f"{score:.4f}", tasks.get(parent["ref"]) or "-")
     out.print(table)
+    gate = recipe.get("gate")
+    if gate:
+        out.print(f"entropy gate: kept the {gate['kept']} (first-token entropy {gate['candidate']:.3f} with the "
+                  f"composition, {gate['fallback']:.3f} with the --add adapters alone)")
     parts = [f"{key} {value:.3f} s" for key, value in timing.items() if key not in ("total", "other")]
     parts.append(f"imports/open/store {timing['other']:.3f} s")
     out.print(f"took {timing['total']:.3f} s ({', '.join(parts)}; retrieve includes loading the encoder)")

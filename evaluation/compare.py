@@ -13,7 +13,9 @@ selection; candidates are the task's family members, then its nearest adapters, 
 ``best_other_max``); ``training_mean`` (per-item mean over ``training_mean_max`` training LoRAs);
 ``selection`` / ``mixture`` / ``fusion`` (what ``registry compose --task T -k K --strategy S`` does
 with this pool); ``selection_multitask`` (the selected adapter plus the split's multitask LoRA, their
-weight deltas summed: ``registry compose --strategy selection -k 1 --add MULTITASK``); ``dnd`` / ``cvae`` and their controls ``<gen>_other`` (conditioned on another
+weight deltas summed: ``registry compose --strategy selection -k 1 --add MULTITASK``);
+``selection_multitask_gated`` (the same with ``--gate``: the multitask LoRA alone unless the selected
+adapter lowers the first-token entropy on the task's prompts); ``dnd`` / ``cvae`` and their controls ``<gen>_other`` (conditioned on another
 held-out task's prompts) and ``<gen>_random`` (random strings of the same lengths).
 
 Each row is cached under ``<out>/rows/`` by a hash of everything that decides it (task items,
@@ -38,7 +40,7 @@ from evaluation.protocols import PROTOCOLS, Split, custom_split, families_split,
 from evaluation.report import RETRIEVAL, MethodResult, write_report
 
 RETRIEVAL_METHODS = RETRIEVAL  # the retrieval compositions (evaluation.report compares the best of them)
-ON_MULTITASK = ("multitask", "selection_multitask")  # methods that use the split's multitask LoRA
+ON_MULTITASK = ("multitask", "selection_multitask", "selection_multitask_gated")  # methods that use the split's multitask LoRA
 GENERATORS = ("dnd", "cvae", "sft")  # sft: the DnD decoder trained through the base model
 CONTROLS = tuple(f"{g}_{c}" for g in GENERATORS for c in ("other", "random"))
 ALL_METHODS = ("base", "oracle", "multitask", "best_other", "training_mean", *RETRIEVAL_METHODS, *GENERATORS, *CONTROLS)
@@ -72,6 +74,7 @@ class BenchSettings:
     min_gain: float = 0.15             # a task is "learnable" (may be held out) when its harvest beats the base by this
     multitask_steps: int | None = None  # the multitask LoRA's step budget (None: one harvest's, from the recipe)
     batch_size: int = DEFAULT_EVAL_BATCH  # decoding batch; in bf16 it can move a greedy answer, so rows key on it
+    sft_gate: bool = False  # the SFT generator's rows generate with the entropy gate (generate --gate)
     seed: int = 0
     generator_seed: int | None = None  # the generators' training seed (None: ``seed``); the prompts keep ``seed``
 
@@ -357,7 +360,8 @@ def _row(reg, out: Path, method: str, task, split: Split, context: _SplitContext
                   pool=context.pool if method in (*RETRIEVAL_METHODS, "best_other", "training_mean") else None,
                   generator=context.generators.get(arch) if arch else None,
                   multitask=context.multitask_ref if method in ON_MULTITASK else None,
-                  caps=(settings.best_other_max, settings.training_mean_max), batch=settings.batch_size)
+                  caps=(settings.best_other_max, settings.training_mean_max), batch=settings.batch_size,
+                  **({"gate": True} if _gated(method, settings) else {}))
     path = _row_path(out, task.name, method, key)
     cached = _load_row(path)
     if cached is not None:
@@ -368,6 +372,10 @@ def _row(reg, out: Path, method: str, task, split: Split, context: _SplitContext
         result.protocol = split.protocol
         _save_row(path, result)
     return result
+
+
+def _gated(method: str, settings: BenchSettings) -> bool:
+    return settings.sft_gate and method.split("_")[0] == "sft"
 
 
 def _scores(result) -> list[float]:
@@ -418,12 +426,13 @@ def _run_method(reg, method, task, prompts, split: Split, context: _SplitContext
         from retrieval.service import compose_adapter
 
         start = time.perf_counter()
-        plus_multitask = method == "selection_multitask"
+        plus_multitask = method.startswith("selection_multitask")
         info = compose_adapter(reg, prompts, k=1 if plus_multitask else settings.k,
                                strategy="selection" if plus_multitask else method,
                                name=f"bench-{split.protocol}-{task.name}-{method}",
                                exclude_tasks=context.exclude_from_pool, kind="harvested", one_per_task=True,
-                               task=task.name, add=[context.multitask_ref] if plus_multitask else ())
+                               task=task.name, add=[context.multitask_ref] if plus_multitask else (),
+                               gate=method.endswith("_gated"))
         seconds = time.perf_counter() - start
         return MethodResult(task.name, method, _evaluate_ref(reg, task, info.ref, settings), seconds, info.ref,
                             {"parents": info.parents})
@@ -445,10 +454,12 @@ def _run_method(reg, method, task, prompts, split: Split, context: _SplitContext
         start = time.perf_counter()
         timings: dict = {}
         info = generate_adapter(reg, condition, f"bench-{split.protocol}-{task.name}-{method}",
-                                generator_ref=context.generators[arch], task=task.name, timings=timings)
+                                generator_ref=context.generators[arch], task=task.name, timings=timings,
+                                gate=_gated(method, settings))
         seconds = time.perf_counter() - start
         extra = {"generator": context.generators[arch],
-                 "timings": {k: v for k, v in timings.items() if isinstance(v, float)}}
+                 "timings": {k: v for k, v in timings.items() if isinstance(v, float)},
+                 **({"gate": timings["gate"]} if "gate" in timings else {})}
         if control == "other":
             extra["condition_task"] = donor
         return MethodResult(task.name, method, _evaluate_ref(reg, task, info.ref, settings), seconds, info.ref, extra)

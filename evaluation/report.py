@@ -22,6 +22,7 @@ METHOD_LABELS = {
     "mixture": "retrieve: mixture",
     "fusion": "retrieve: fusion",
     "selection_multitask": "retrieve: selection + multitask LoRA",
+    "selection_multitask_gated": "retrieve: selection + multitask LoRA, entropy-gated",
     "dnd": "DnD generated",
     "dnd_other": "DnD, another task's prompts",
     "dnd_random": "DnD, random strings",
@@ -32,7 +33,7 @@ METHOD_LABELS = {
     "sft_other": "SFT DnD, another task's prompts",
     "sft_random": "SFT DnD, random strings",
 }
-RETRIEVAL = ("selection", "mixture", "fusion", "selection_multitask")
+RETRIEVAL = ("selection", "mixture", "fusion", "selection_multitask", "selection_multitask_gated")
 
 
 @dataclass

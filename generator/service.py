@@ -127,7 +127,7 @@ def load_generator_artifact(reg, generator_ref=None, device=None) -> tuple[Loade
 
 def generate_state_dict_for(reg, prompts: Sequence[str], generator_ref: str | None = None,
                             base_model: str | None = None, device=None,
-                            precision: str | None = None) -> tuple[dict, dict, dict]:
+                            precision: str | None = None, gate: bool = False) -> tuple[dict, dict, dict]:
     """Prompts -> (PEFT state dict, adapter_config dict, timings) without storing anything.
 
     ``generator_ref`` names a DnD or a CVAE generator (dispatched on its artifact type; None: the
@@ -137,19 +137,51 @@ def generate_state_dict_for(reg, prompts: Sequence[str], generator_ref: str | No
     timings: ``load_s`` (resolving + decoding the artifact, 0 on a cache hit), ``encoder_s`` (loading
     the prompt encoder, for a CVAE the base LLM; ~0 once loaded), ``embed_s`` (for a CVAE: the task
     vector), ``decode_s`` (decoder + de-tokenising), ``total_s``, ``cached``, ``generator`` (its ref),
-    ``generator_digest``, ``device``, ``arch``, ``precision`` (the resolved one).
+    ``generator_digest``, ``device``, ``arch``, ``precision`` (the resolved one). ``gate``: see
+    :func:`gated`.
     """
     prompts = clean_prompts(prompts)
     resolve_precision(precision, "cpu")  # an unknown name fails before anything is loaded
     info = resolve_any_generator(reg, generator_ref)
+    _check_gate(info, gate)
     state_dict, peft_config, timings, _ = backend_of(info).generate(reg, prompts, info, base_model, device,
                                                                     pooled=False, precision=precision)
+    if gate:
+        state_dict, peft_config = gated(reg, info, prompts, state_dict, peft_config, timings, device)
     return state_dict, peft_config, timings
+
+
+def _check_gate(info, gate: bool) -> None:
+    if gate and not info.meta.get("under"):
+        raise GeneratorError(f"generator {info.ref} has no adapter under it (train-generator --under): "
+                             "the entropy gate has nothing to fall back to")
+
+
+def gated(reg, info, prompts: Sequence[str], state_dict: dict, peft_config: dict, timings: dict, device=None
+          ) -> tuple[dict, dict]:
+    """The entropy gate (``registry.confidence``): the generated adapter, or the adapter the generator
+    sits on (``meta["under"]``, e.g. the multitask LoRA) alone when the base answers the prompts more
+    surely with that one. For a task none of the generator's pool fits, the retrieved anchor and the
+    residual built on it can only hurt (README: 0.060 against the multitask LoRA's 0.213 on the small
+    variants split); the gate is what lets the generator fall back. Adds ``gate`` (both entropies and
+    which was kept) and ``gate_s`` to ``timings``."""
+    from registry.confidence import entropy_gate
+
+    start = time.perf_counter()
+    fallback = reg.load_weights(info.meta["under"])
+    keep, entropies = entropy_gate(info.meta.get("base_model"), prompts, fallback, (state_dict, peft_config),
+                                   str(device or "cpu"))
+    timings["gate"] = {"signal": "first-token entropy", "under": entropies["fallback"],
+                       "generated": entropies["candidate"], "kept": "generated" if keep else "under"}
+    timings["gate_s"] = time.perf_counter() - start
+    timings["total_s"] = timings.get("total_s", 0.0) + timings["gate_s"]
+    return (state_dict, peft_config) if keep else fallback
 
 
 def generate_adapter(reg, prompts: Sequence[str], name: str, generator_ref: str | None = None,
                      task: str | None = None, base_model: str | None = None, device=None,
-                     timings: dict | None = None, tags: Sequence[str] = (), precision: str | None = None):
+                     timings: dict | None = None, tags: Sequence[str] = (), precision: str | None = None,
+                     gate: bool = False):
     """Prompts -> a new ``generated`` adapter version; returns its ``AdapterInfo``.
 
     ``generator_ref`` names a DnD or a CVAE generator (dispatched on its artifact type; None: the
@@ -157,7 +189,8 @@ def generate_adapter(reg, prompts: Sequence[str], name: str, generator_ref: str 
     generator (ref + digest + type + arch), the resolved precision and the prompts' sha256; the
     prompts are stored with the adapter (so it is searchable; for DnD their sentence embeddings come
     from the same encoder pass as the condition). Pass a dict as ``timings`` to receive the
-    breakdown of ``generate_state_dict_for`` plus ``store_s``.
+    breakdown of ``generate_state_dict_for`` plus ``store_s``. With ``gate`` (:func:`gated`) the recipe
+    records the gate, and where it kept the adapter under the generator, that adapter is the only parent.
     """
     from registry.refs import validate_name
 
@@ -165,8 +198,11 @@ def generate_adapter(reg, prompts: Sequence[str], name: str, generator_ref: str 
     prompts = clean_prompts(prompts)
     resolve_precision(precision, "cpu")  # an unknown name fails before anything is loaded
     info = resolve_any_generator(reg, generator_ref)
+    _check_gate(info, gate)
     state_dict, peft_config, measured, vectors = backend_of(info).generate(reg, prompts, info, base_model, device,
                                                                            pooled=True, precision=precision)
+    if gate:
+        state_dict, peft_config = gated(reg, info, prompts, state_dict, peft_config, measured, device)
     start = time.perf_counter()
     recipe = {"generator": measured["generator"], "generator_digest": measured["generator_digest"],
               "generator_type": info.artifact_type, "arch": measured["arch"], "precision": measured["precision"],
@@ -180,6 +216,10 @@ def generate_adapter(reg, prompts: Sequence[str], name: str, generator_ref: str 
     under = measured.get("under_adapter")  # the adapter stacked under it, at full weight
     if under:
         recipe["under_adapter"] = under
+    if gate:
+        recipe["gate"] = measured["gate"]
+        if measured["gate"]["kept"] == "under":
+            anchors = []  # the stored adapter is the one under the generator, alone
     info = reg.add_weights(name, state_dict, peft_config, kind="generated", task=task, prompts=prompts,
                            prompt_embeddings=vectors, tags=tags, recipe=recipe,
                            parents=[(ref, 1.0 / len(anchors)) for ref in anchors] + ([(under, 1.0)] if under else []))

@@ -21,7 +21,7 @@ from typing import Any
 from harvest.metrics import score
 from harvest.tasks import Example, Task
 from harvest.train import HarvestConfig, HarvestError, configure_threads, lora_config, render_prompt
-from registry.lm import contiguous_head_input, lean_lora_layers
+from registry.lm import contiguous_head_input, lean_lora_layers, shared_prefix_length
 
 
 @dataclass
@@ -111,17 +111,6 @@ def attach_adapter(model, adapter: Any, lora: HarvestConfig | dict | None = None
     if unexpected:
         raise HarvestError(f"adapter keys do not fit the model, e.g. {unexpected[0]}")
     return lean_lora_layers(peft_model)
-
-
-def shared_prefix_length(sequences: list[list[int]]) -> int:
-    """How many leading token ids every sequence shares, leaving at least one id of each unshared."""
-    if not sequences:
-        return 0
-    limit = min(len(seq) for seq in sequences) - 1
-    length = 0
-    while length < limit and all(seq[length] == sequences[0][length] for seq in sequences):
-        length += 1
-    return length
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, batch_size: int = DEFAULT_EVAL_BATCH,

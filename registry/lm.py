@@ -28,6 +28,17 @@ def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> tupl
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading token ids every sequence shares, leaving at least one id of each unshared."""
+    if not sequences:
+        return 0
+    limit = min(len(seq) for seq in sequences) - 1
+    length = 0
+    while length < limit and all(seq[length] == sequences[0][length] for seq in sequences):
+        length += 1
+    return length
+
+
 def collate(encoded: list[tuple[list[int], int]], pad_id: int):
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside answers)."""
     import torch

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 from registry.prompts import prompts_sha256
-from retrieval.pool import (WEIGHT_MODES, check_k, check_match, embed_query, pool_kinds, query_texts,
+from retrieval.pool import (WEIGHT_MODES, RetrievalError, check_k, check_match, embed_query, pool_kinds, query_texts,
                             resolve_precision, retrieve_vector)
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
@@ -114,6 +114,15 @@ def add_adapters(reg: "Registry", state_dict: dict, peft_config: dict, added: Se
     return dict(summed.state_dict), _json_safe(peft_config_dict(summed)), [(a.name, 1.0) for a in extras]
 
 
+def added_alone(reg: "Registry", added: Sequence[str]) -> tuple[dict, dict]:
+    """The ``added`` adapters summed (ranks stacked, weights 1): what a gated composition falls back to."""
+    from retrieval.compose import compose_adapters, peft_config_dict
+
+    loras = [load_lora(reg, ref) for ref in added]
+    summed = loras[0] if len(loras) == 1 else compose_adapters(loras, [1.0] * len(loras), "cat")
+    return dict(summed.state_dict), _json_safe(peft_config_dict(summed))
+
+
 def _match_for(strategy: str) -> str:
     from retrieval.compose import EQUAL_RANK_STRATEGIES
 
@@ -131,7 +140,8 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
                     kind: str | Sequence[str] | None = None, one_per_task: bool = False,
                     match: str | None = None, density: float | None = None, svd_rank: int | None = None,
                     seed: int | None = None, tags: Iterable[str] = (), precision: str | None = None,
-                    add: Sequence[str] = (), **strategy_kwargs) -> "AdapterInfo":
+                    add: Sequence[str] = (), gate: bool = False, device: str = "cpu",
+                    **strategy_kwargs) -> "AdapterInfo":
     """Retrieve the k adapters nearest to ``prompts``, compose them and store a ``composed`` adapter.
 
     The new version records lineage (parents with their weights) and a recipe: ``strategy``, ``k``,
@@ -143,12 +153,17 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
     ``precision`` (``auto`` when None, ``fp32``, ``bf16``; recorded in the recipe) is the one the query
     is embedded in; the composition itself is weight arithmetic (sums, SVDs) and stays float32.
     ``add`` names adapters summed at full weight onto the composition (:func:`add_adapters`; recorded
-    as parents with weight 1 and in the recipe's ``added``).
+    as parents with weight 1 and in the recipe's ``added``). With ``gate`` (needs ``add``) the
+    composition is kept only if the base answers ``prompts`` more surely with it than with the added
+    adapters alone (``registry.confidence.entropy_gate``); otherwise the stored adapter is the added
+    ones alone. The recipe's ``gate`` records both entropies and which was kept.
     Nothing is written when anything fails.
     """
     from registry.refs import validate_name
 
     check_k(k)
+    if gate and not add:
+        raise RetrievalError("the entropy gate chooses between a composition and the --add adapters: give --add")
     added = [reg.resolve(ref).ref for ref in add]  # an unknown REF fails before anything is computed
     _check_strategy(strategy, weights_mode)
     precision = resolve_precision(precision)
@@ -167,9 +182,22 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
     state_dict, peft_config, parents = compose_from_hits(reg, hits, strategy, weights_mode, temperature,
                                                          density=density, svd_rank=svd_rank, seed=seed,
                                                          **strategy_kwargs)
+    gate_record = None
     if added:
+        fallback = added_alone(reg, added) if gate else None
         state_dict, peft_config, added_parents = add_adapters(reg, state_dict, peft_config, added)
         parents = [*parents, *added_parents]
+        if gate:
+            from registry.confidence import entropy_gate
+
+            gate_start = time.perf_counter()
+            keep, entropies = entropy_gate(hits[0].adapter.base_model, texts, fallback, (state_dict, peft_config),
+                                           device)
+            gate_record = {"signal": "first-token entropy", **entropies, "kept": "composition" if keep else "added",
+                           "seconds": round(time.perf_counter() - gate_start, 4)}
+            if not keep:
+                state_dict, peft_config = fallback
+                parents = added_parents
     composed = time.perf_counter()
     recipe = {
         "strategy": strategy,
@@ -190,6 +218,7 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
         "precision": precision,
         **_strategy_recipe(density, svd_rank, seed, strategy_kwargs),
         **({"added": added} if added else {}),
+        **({"gate": gate_record} if gate_record else {}),
         "timing_s": {"retrieve": round(retrieved - start, 4), "compose": round(composed - retrieved, 4)},
     }
     return reg.add_weights(name, state_dict, peft_config, kind="composed", task=task, prompts=texts,

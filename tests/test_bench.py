@@ -80,6 +80,12 @@ def test_bench_v2_both_protocols_every_method_and_resume(harvested, tmp_path):
                 selected = rows[(protocol, task, "selection")]["extra"]["parents"]
                 multitask_ref = rows[(protocol, task, "multitask")]["adapter_ref"]
                 assert row["extra"]["parents"] == [*selected, {"ref": multitask_ref, "weight": 1.0}]
+            if method == "selection_multitask_gated":  # that composition, or the multitask LoRA alone if surer
+                gate = reg.resolve(row["adapter_ref"]).recipe["gate"]
+                multitask_ref = rows[(protocol, task, "multitask")]["adapter_ref"]
+                kept = (rows[(protocol, task, "selection_multitask")]["extra"]["parents"]
+                        if gate["kept"] == "composition" else [{"ref": multitask_ref, "weight": 1.0}])
+                assert row["extra"]["parents"] == kept and (gate["candidate"] < gate["fallback"]) == (gate["kept"] == "composition")
             if method == "dnd_other":
                 assert row["extra"]["condition_task"] in splits[protocol]["held_out"] and row["extra"]["condition_task"] != task
         multitask = reg.resolve(rows[("families", "word_count", "multitask")]["adapter_ref"])
@@ -193,6 +199,7 @@ def test_bench_controls_borrow_prompts_from_held_out_task_files(harvested, tmp_p
     (["--cvae-objective", "both"], "--cvae-objective must be recon or sft, not 'both'"),
     (["--sft-head", "gated", "--sft-anchor-k", "2"], "--sft-head gated starts from the multitask LoRA"),
     (["--sft-under-multitask"], "--sft-under-multitask goes with --sft-anchor-k"),
+    (["--sft-gate"], "--sft-gate falls back to the adapter under the generator: give --sft-under-multitask"),
 ])
 def test_bench_bad_input_is_one_line_and_writes_nothing(harvested, tmp_path, cli, args, message):
     out = tmp_path / "r"

@@ -309,6 +309,27 @@ def test_train_generator_sft_with_a_retrieved_anchor(cli, registry_home, tiny_ba
         part = value if "lora_A" in key else value.T
         stacked_part = weights[key][4:] if "lora_A" in key else weights[key][:, 4:].T
         torch.testing.assert_close(stacked_part, part.float())
+    # the entropy gate: the generated adapter, or the adapter under it alone, whichever the base is surer with
+    code, out, err = cli("generate", "--task", "add_sub", "--name", "gen-gated", "--generator", under["ref"],
+                         "--gate", "--json")
+    assert code == 0, err
+    gated = json.loads(out)
+    gate = gated["recipe"]["gate"]
+    assert gate["kept"] in ("generated", "under") and (gate["kept"] == "generated") == (gate["generated"] < gate["under"])
+    with Registry.open(registry_home) as reg:
+        gated_weights, _ = reg.load_weights(gated["ref"])
+    if gate["kept"] == "under":  # the adapter under the generator, alone and unchanged
+        assert gated["parents"] == [{"ref": refs["letter_count"], "weight": 1.0}] and gated["rank"] == 4
+        assert all(torch.equal(gated_weights[k], below[k]) for k in below)
+    else:  # the stacked adapter of the plain call, bit for bit
+        assert gated["parents"] == stacked["parents"]
+        assert all(torch.equal(gated_weights[k], weights[k]) for k in weights)
+    with Registry.open(registry_home) as reg:
+        before = [a.ref for a in reg.list_adapters()]
+    code, _, err = cli("generate", "--task", "add_sub", "--name", "no-gate", "--generator", own["ref"], "--gate")
+    assert code != 0 and "has no adapter under it" in err and "Traceback" not in err
+    with Registry.open(registry_home) as reg:
+        assert [a.ref for a in reg.list_adapters()] == before
     from conftest import make_tiny_adapter_dir
 
     with Registry.open(registry_home) as reg:  # an adapter of another layout (rank 2) cannot sit under it

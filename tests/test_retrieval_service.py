@@ -244,6 +244,29 @@ def test_selection_plus_an_added_adapter_sums_their_weight_deltas(reg, zoo):
                                    selected.delta_weight(module) + added.delta_weight(module))
 
 
+def test_the_entropy_gate_keeps_the_composition_or_the_added_adapter_alone(reg, zoo, monkeypatch):
+    """``gate``: measured on the real tiny base, the recipe records both entropies and the kept side;
+    whichever side is surer decides what is stored (parents, weights)."""
+    from registry import confidence
+    from retrieval.service import compose_adapter, load_lora
+
+    info = compose_adapter(reg, QUERIES["arithmetic"], k=1, strategy="selection", name="gated", add=["cook@1"], gate=True)
+    gate = info.recipe["gate"]
+    assert gate["kept"] == ("composition" if gate["candidate"] < gate["fallback"] else "added") and gate["seconds"] > 0
+    for entropies, kept in (([1.0, 0.5], "composition"), ([0.5, 1.0], "added"), ([0.5, 0.5], "added")):
+        monkeypatch.setattr(confidence, "mean_entropies", lambda *args, e=entropies, **kw: e)
+        info = compose_adapter(reg, QUERIES["arithmetic"], k=1, strategy="selection", name=f"gated-{kept}",
+                               add=["cook@1"], gate=True)
+        top = info.recipe["retrieved"][0]
+        assert info.recipe["gate"]["kept"] == kept
+        if kept == "composition":
+            assert info.parents == [{"ref": top, "weight": 1.0}, {"ref": "cook@1", "weight": 1.0}] and info.rank == 8
+        else:  # the added adapter alone, its weights unchanged
+            assert info.parents == [{"ref": "cook@1", "weight": 1.0}] and info.rank == 4
+            stored, added = load_lora(reg, info.ref), load_lora(reg, "cook@1")
+            assert all(torch.equal(stored.state_dict[k], added.state_dict[k]) for k in added.state_dict)
+
+
 # --- the CLI --------------------------------------------------------------------------------------------
 
 
@@ -272,6 +295,7 @@ def bad_pool(reg, zoo, adapter_dirs):
     (["--prompts", "QUERY", "--add", "nope@1"], "no adapter matches nope@1"),
     (["--prompts", "QUERY", "--add", "wide@1"], "different base models"),
     (["--from", "math@1", "--add", "cook@1"], "--add goes with retrieval"),
+    (["--prompts", "QUERY", "--gate"], "--gate chooses between the composition and the --add adapters"),
     ([], "exactly one of"),
     (["--prompts", "EMPTY"], "holds no prompts"),
     (["--prompts", "QUERY", "--name", "../evil"], "invalid name"),

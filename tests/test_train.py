@@ -169,7 +169,7 @@ def test_evaluate_scores_with_the_task_metric(tiny_base_dir):
 
 
 def test_shared_prefix_length_leaves_every_prompt_a_tail():
-    from harvest.evaluate import shared_prefix_length
+    from registry.lm import shared_prefix_length
 
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert shared_prefix_length([[7, 8], [7, 8]]) == 1  # identical prompts still keep one token each
