@@ -435,7 +435,7 @@ def _run_method(reg, method, task, prompts, split: Split, context: _SplitContext
                                gate=method.endswith("_gated"))
         seconds = time.perf_counter() - start
         return MethodResult(task.name, method, _evaluate_ref(reg, task, info.ref, settings), seconds, info.ref,
-                            {"parents": info.parents})
+                            {"parents": info.parents, **({"gate": info.recipe["gate"]} if "gate" in info.recipe else {})})
     arch, _, control = method.partition("_")
     if arch in GENERATORS:
         from generator.service import generate_adapter
