@@ -135,18 +135,20 @@ def _timed(call, calls: int) -> tuple[list, list, list]:
 
 
 def bench_warm(reg, generator_ref: str | None, prompts: list[str], precision: str, device: str, calls: int,
-               refs: list) -> dict:
+               refs: list, gate: bool = False) -> dict:
     from generator.service import generate_adapter, generate_state_dict_for
 
     out = {}
     start = time.perf_counter()
-    _, _, first = generate_state_dict_for(reg, prompts, generator_ref, device=device, precision=precision)
+    _, _, first = generate_state_dict_for(reg, prompts, generator_ref, device=device, precision=precision, gate=gate)
     out["first_call_s"] = time.perf_counter() - start  # loads what this precision needs (bf16 copies, plan)
     walls, cpus, results = _timed(lambda: generate_state_dict_for(reg, prompts, generator_ref, device=device,
-                                                                  precision=precision), calls)
+                                                                  precision=precision, gate=gate), calls)
     out["state_dict"], out["state_dict_cpu"] = percentiles(walls), percentiles(cpus)
     out["embed"] = percentiles([r[2]["embed_s"] for r in results])
     out["decode"] = percentiles([r[2]["decode_s"] for r in results])
+    if gate:
+        out["gate"] = percentiles([r[2]["gate_s"] for r in results])
     out["generator"] = first["generator"]
     out["weights"] = results[-1][0]
 
@@ -154,7 +156,8 @@ def bench_warm(reg, generator_ref: str | None, prompts: list[str], precision: st
 
     def stored():
         timings: dict = {}
-        info = generate_adapter(reg, prompts, name, generator_ref, device=device, timings=timings, precision=precision)
+        info = generate_adapter(reg, prompts, name, generator_ref, device=device, timings=timings, precision=precision,
+                                gate=gate)
         refs.append(info.ref)
         return timings
 
@@ -233,12 +236,14 @@ def _run_cold(command: list[str]) -> tuple[float, float, dict]:
 
 
 def bench_cold(home: Path, generator_ref: str | None, prompts_file: Path, device: str, precision: str, runs: int,
-               refs: list) -> dict:
+               refs: list, gate: bool = False) -> dict:
     base = [sys.executable, "-m", "cli.main"]
     generate = base + ["generate", "--home", str(home), "--prompts", str(prompts_file), "--device", device,
                        "--precision", precision, "--json", "--name", f"bench-cold-{precision}-{os.getpid()}"]
     if generator_ref:
         generate += ["--generator", generator_ref]
+    if gate:
+        generate += ["--gate"]
     compose = base + ["compose", "--home", str(home), "--prompts", str(prompts_file), "-k", "3", "--precision",
                       precision, "--json", "--name", f"bench-cold-compose-{precision}-{os.getpid()}"]
     out = {"generate": [], "compose": []}
@@ -248,7 +253,7 @@ def bench_cold(home: Path, generator_ref: str | None, prompts_file: Path, device
         t = data["timings"]
         out["generate"].append({"wall": wall, "cpu": cpu, "outside": wall - t["total_s"], "load": t["load_s"],
                                 "encoder": t["encoder_s"], "embed": t["embed_s"], "decode": t["decode_s"],
-                                "store": t["store_s"]})
+                                "store": t["store_s"], **({"gate": t["gate_s"]} if gate else {})})
         wall, cpu, data = _run_cold(compose)
         refs.append(data["ref"])
         seconds = data["seconds"]
@@ -298,6 +303,7 @@ def main() -> None:
     parser.add_argument("--no-cold", action="store_true", help="Skip the cold commands.")
     parser.add_argument("--importtime", action="store_true", help="List the slowest imports of a cold generate.")
     parser.add_argument("--device", default="cpu", help="Device for generation (cpu or cuda).")
+    parser.add_argument("--gate", action="store_true", help="Generate with the entropy gate (a generator trained --under an adapter).")
     parser.add_argument("--keep", action="store_true", help="Keep the adapters the benchmark stores.")
     parser.add_argument("--json", action="store_true", help="Also print the figures as JSON.")
     setup = parser.add_argument_group("synthetic setup")
@@ -347,7 +353,7 @@ def main() -> None:
         try:
             for precision in precisions:
                 figures["warm"][precision] = bench_warm(reg, generator_ref, prompts, precision, args.device,
-                                                        args.calls, refs)
+                                                        args.calls, refs, args.gate)
             if not args.no_http:
                 figures["http"] = bench_http(reg, generator_ref, prompts, precisions, args.calls, refs)
         finally:
@@ -365,7 +371,7 @@ def main() -> None:
         if not args.no_cold:
             for precision in precisions:
                 figures["cold"][precision] = bench_cold(home, generator_ref, prompts_file, args.device, precision,
-                                                        args.cold_runs, refs)
+                                                        args.cold_runs, refs, args.gate)
         if args.importtime:
             figures["imports"] = import_times(home, generator_ref, prompts_file, precisions[-1], refs)
     finally:
@@ -390,6 +396,8 @@ def main() -> None:
     row("  CPU time (all threads)", [pair(warm[p]["state_dict_cpu"]) for p in precisions])
     row("  of which embed (32 prompts)", [pair(warm[p]["embed"]) for p in precisions])
     row("  of which decode (decoder + de-tokenise)", [pair(warm[p]["decode"]) for p in precisions])
+    if args.gate:
+        row("  of which the entropy gate", [pair(warm[p]["gate"]) for p in precisions])
     row("generate_adapter (+ store) wall", [pair(warm[p]["adapter"]) for p in precisions])
     row("  CPU time (all threads)", [pair(warm[p]["adapter_cpu"]) for p in precisions])
     row("  of which store", [pair(warm[p]["store"]) for p in precisions])
@@ -405,7 +413,7 @@ def main() -> None:
                                               f"{median(cold[p]['generate'], 'cpu'):.2f}" for p in precisions])
         for key, label in (("outside", "python + imports + open registry"), ("load", "load generator"),
                            ("encoder", "load encoder"), ("embed", "embed"), ("decode", "decode"),
-                           ("store", "store (validate + write)")):
+                           ("store", "store (validate + write)"), *((("gate", "the entropy gate"),) if args.gate else ())):
             row(f"  {label}", [f"{median(cold[p]['generate'], key):.2f}" for p in precisions])
         row("registry compose -k 3: wall / CPU", [f"{median(cold[p]['compose'], 'wall'):.2f} / "
                                                   f"{median(cold[p]['compose'], 'cpu'):.2f}" for p in precisions])

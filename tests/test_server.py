@@ -460,6 +460,16 @@ def test_compose_and_generate_with_the_real_backends(client, reg):
                                                 "strategy": "selection", "add": ["math@1"]}, headers=auth)
     assert response.status_code == 201, response.content
     assert response.json()["parents"] == [{"ref": "math@1", "weight": 1.0}, {"ref": "math@1", "weight": 1.0}]
+    response = client.post("/v1/compose", json={"prompts": ["Add 1 and 2."], "name": "gated", "k": 1,
+                                                "strategy": "selection", "add": ["math@1"], "gate": True}, headers=auth)
+    assert response.status_code == 201, response.content
+    gate = response.json()["recipe"]["gate"]  # the same adapter twice vs once: whichever the tiny base is surer with
+    assert gate["kept"] == ("composition" if gate["candidate"] < gate["fallback"] else "added")
+    before = registry_state(reg)
+    response = client.post("/v1/compose", json={"prompts": ["Add 1 and 2."], "name": "gated", "k": 1, "gate": True},
+                           headers=auth)
+    assert "--add" in assert_json_error(response.status_code, response.content, 400)
+    assert registry_state(reg) == before
 
 
 def test_protected_reads(reg, seeded):

@@ -104,6 +104,8 @@ class GenerateBody(BaseModel):
     name: str = Field(description="Name to store the generated adapter under.")
     generator: str | None = Field(None, description="REF of a trained generator (default: the latest).")
     task: str | None = Field(None, max_length=128, description="Task name recorded on the new adapter.")
+    gate: bool = Field(False, description="The entropy gate (generate --gate): for a generator trained on top of an "
+                                          "adapter, store that adapter alone unless the generated one makes the base surer.")
 
 
 class ComposeBody(BaseModel):
@@ -118,6 +120,8 @@ class ComposeBody(BaseModel):
     add: list[Annotated[str, Field(max_length=256)]] = Field(
         default_factory=list, max_length=8,
         description="REFs added at full weight to the composition (e.g. the multitask LoRA under the selected adapter).")
+    gate: bool = Field(False, description="With add: keep the composition only if it makes the base surer of its "
+                                          "first answer token than the added adapters alone (compose --gate).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +322,8 @@ def create_app(registry=None, *, home: str | os.PathLike | None = None, token: s
         validate_name(body.name)
         function = _backend(backends["generate"], "generation", "generator.service.generate_adapter")
         extra = {"task": body.task} if body.task else {}
+        if body.gate:
+            extra["gate"] = True
         with model_lock:
             result = function(registry, body.prompts, name=body.name, generator_ref=body.generator, **extra)
         return created(_result_dict(result))
@@ -333,6 +339,8 @@ def create_app(registry=None, *, home: str | os.PathLike | None = None, token: s
             extra["exclude_tasks"] = body.exclude_tasks
         if body.add:
             extra["add"] = body.add
+        if body.gate:
+            extra["gate"] = True
         with model_lock:
             follower.catch_up()  # retrieval searches the index: see what other processes added
             result = function(registry, body.prompts, k=body.k, strategy=body.strategy, name=body.name, **extra)
