@@ -3,11 +3,12 @@ another: the signal of the entropy gate (``compose --add ... --gate``, ``generat
 
 No answers are needed, only the prompts. An adapter that fits a task tends to make the model open
 its answers to that task's prompts with a peaked next-token distribution; one trained on another
-skill tends to leave it unsure. It is a gate between two candidates, not a router over a pool: on
-the README's nine held-out arithmetic tasks ("The entropy gate"), the lowest-entropy adapter of a
-whole pool was the best one on only some tasks, but the multitask LoRA plus the task's source adapter
-was surer than the multitask LoRA alone on most reworded tasks, and the multitask LoRA alone was
-surer than it plus an adapter of another skill (plus_words given times_small: 0.49 against 1.25).
+skill tends to leave it unsure. It is a gate between two candidates, not a router over a pool. On
+the README's held-out arithmetic tasks ("The entropy gate"), the lowest-entropy adapter of a whole
+pool was the best one on only some tasks, but between the multitask LoRA alone and the multitask LoRA
+plus the task's source adapter it picked the more accurate one on 5 of 6 reworded tasks, and it kept
+the multitask LoRA alone where the retrieved adapter was of another skill (plus_words given
+times_small: entropy 0.49 against 1.25, accuracy 0.64 against 0.16).
 
 The adapters are added by forward hooks on a private copy of the base (never on the per-process
 cached one other callers share), so no PEFT model is built per candidate and any rank works.
