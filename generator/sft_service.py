@@ -49,11 +49,14 @@ DECODER_OPTIONS = ("prompt_tokens", "n_layers", "kernel", "hidden_tokens", "shap
 
 
 def lora_scaling(peft: Mapping) -> float:
-    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA (one rank and alpha for all modules)."""
-    if peft.get("rank_pattern") or peft.get("alpha_pattern"):
-        raise GeneratorError("the SFT objective needs one rank and alpha for every module (no rank/alpha patterns)")
-    rank, alpha = int(peft["r"]), float(peft["lora_alpha"])
-    return alpha / (rank ** 0.5 if peft.get("use_rslora") else rank)
+    """PEFT's scaling (``registry.lm.lora_scaling``), refused in the SFT objective's words."""
+    from registry import lm
+    from registry.errors import RegistryError
+
+    try:
+        return lm.lora_scaling(peft)
+    except RegistryError:
+        raise GeneratorError("the SFT objective needs one rank and alpha for every module (no rank/alpha patterns)") from None
 
 
 def _items_digest(task_items: Mapping[str, Sequence[tuple[str, str]]]) -> dict[str, str]:

@@ -22,21 +22,13 @@ from typing import Mapping, Sequence
 
 from registry.chat import render_prompt
 from registry.errors import RegistryError
-from registry.lm import add_low_rank, shared_prefix_length
+from registry.lm import add_low_rank, lora_scaling, shared_prefix_length
 from registry.peft_io import PEFT_PREFIX, parse_lora_key
 
 GATE_PROMPTS = 16  # prompts the gate reads: enough to average out one odd prompt, cheap enough to stay < 0.5 s
 
 _MODELS: dict = {}  # (base, device) -> (model, tokenizer): the gate's own copy of each base
 _LOCK = threading.Lock()  # the hooks are added to a shared copy: one gate at a time per process
-
-
-def lora_scaling(peft_config: Mapping) -> float:
-    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA (one rank and alpha for all modules)."""
-    if peft_config.get("rank_pattern") or peft_config.get("alpha_pattern"):
-        raise RegistryError("this needs one rank and alpha for every module (no rank/alpha patterns)")
-    rank, alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
-    return alpha / (rank ** 0.5 if peft_config.get("use_rslora") else rank)
 
 
 @contextmanager

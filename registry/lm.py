@@ -90,6 +90,16 @@ def use_training_attention(model, device) -> None:
         model.set_attn_implementation("eager")
 
 
+def lora_scaling(peft_config) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA (one rank and alpha for all modules)."""
+    from registry.errors import RegistryError
+
+    if peft_config.get("rank_pattern") or peft_config.get("alpha_pattern"):
+        raise RegistryError("this needs one rank and alpha for every module (no rank/alpha patterns)")
+    rank, alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
+    return alpha / (rank ** 0.5 if peft_config.get("use_rslora") else rank)
+
+
 def add_low_rank(output, x, a, b, scaling: float):
     """``output + scaling * (x A^T) B^T`` as one rank-r matmul and one fused ``addmm``, in ``output``'s dtype.
 
