@@ -107,9 +107,9 @@ def mean_entropies(base_model: str | None, prompts: Sequence[str], adapters: Seq
                    device="cpu", limit: int = GATE_PROMPTS) -> list[float]:
     """Mean first-answer-token entropy over (the first ``limit`` of) ``prompts`` for each
     ``(state_dict, peft_config)`` in ``adapters`` on ``base_model``."""
-    model, tokenizer = _gate_model(base_model, device)
     prompts = list(prompts)[:limit]
     with _LOCK:
+        model, tokenizer = _gate_model(base_model, device)
         result = []
         for state_dict, peft_config in adapters:
             with lora_hooks(model, state_dict, peft_config):
