@@ -166,11 +166,15 @@ class _SplitContext:
     split: Split
     base_model: str
     pool: dict[str, str]                       # training task -> its final adapter REF
-    exclude_from_pool: list[str]               # every harvested task outside the split's training set
     generators: dict[str, str | None] = field(default_factory=dict)  # dnd/cvae -> artifact REF
     multitask_ref: str | None = None
     tasks: dict = field(default_factory=dict)  # every bench task by name, loaded (task files have no zoo name)
     notes: list[str] = field(default_factory=list)
+
+    def outside_pool(self, reg) -> list[str]:
+        """Every harvested task outside the split's training set, read at each retrieval: a task
+        harvested while the bench runs (another process) must not enter the split's pool."""
+        return sorted({a.task for a in reg.list_adapters(kind="harvested") if a.task} - set(self.pool))
 
 
 def run_bench(reg, settings: BenchSettings, out: Path, on_status: Callable[[str], None] = print,
@@ -265,7 +269,7 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
         raise RegistryError(f"{split.protocol}: need at least 2 harvested training tasks, found {len(training)}")
     pool = {t: final_adapter(reg, t).ref for t in training}
     base_model = reg.resolve(pool[training[0]]).base_model
-    context = _SplitContext(split, base_model, pool, [], tasks=tasks)
+    context = _SplitContext(split, base_model, pool, tasks=tasks)
     label = split.protocol
     context.notes.append(f"[{label}] held out: {', '.join(split.held_out)}"
                          + (f" (families {', '.join(split.held_out_families)})" if split.held_out_families else ""))
@@ -296,9 +300,6 @@ def _prepare_split(reg, split: Split, settings: BenchSettings, finished: list[st
                 how = f" ({settings.cvae_steps} reconstruction steps, then {settings.sft_steps} through the base model{anchored})"
             context.notes.append(f"[{label}] {arch} generator {context.generators[arch]}: trained on the "
                                  f"{len(training)} training tasks{how}")
-    # Fixed after the multitask harvest, so it (and every other non-training harvest) stays out of the pool.
-    all_harvested = {a.task for a in reg.list_adapters(kind="harvested") if a.task}
-    context.exclude_from_pool = sorted(all_harvested - set(training))
     return context
 
 
@@ -430,7 +431,7 @@ def _run_method(reg, method, task, prompts, split: Split, context: _SplitContext
         info = compose_adapter(reg, prompts, k=1 if plus_multitask else settings.k,
                                strategy="selection" if plus_multitask else method,
                                name=f"bench-{split.protocol}-{task.name}-{method}",
-                               exclude_tasks=context.exclude_from_pool, kind="harvested", one_per_task=True,
+                               exclude_tasks=context.outside_pool(reg), kind="harvested", one_per_task=True,
                                task=task.name, add=[context.multitask_ref] if plus_multitask else (),
                                gate=method.endswith("_gated"))
         seconds = time.perf_counter() - start
@@ -476,7 +477,7 @@ def _best_other_candidates(reg, task, prompts, context: _SplitContext, limit: in
 
     same_family = [context.pool[t] for t in sorted(context.pool) if family and family_of(t) == family]
     hits = retrieve(reg, prompts, k=min(limit, len(context.pool)), kind="harvested", one_per_task=True,
-                    exclude_tasks=context.exclude_from_pool)
+                    exclude_tasks=context.outside_pool(reg))
     nearest = [context.pool[h.adapter.task] for h in hits if h.adapter.task in context.pool]
     ordered = list(dict.fromkeys(same_family + nearest))
     return ordered[:limit]

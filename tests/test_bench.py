@@ -232,6 +232,19 @@ def test_bench_killed_while_writing_a_row_leaves_no_torn_row(harvested, tmp_path
     assert json.loads((out / "report.json").read_text())["rows"][0]["method"] == "base"
 
 
+def test_a_task_harvested_while_the_bench_runs_stays_out_of_its_pool(reg, tiny_base_dir, tiny_adapter_factory):
+    """The split's pool is its training tasks; what is outside it is read at each retrieval, so an
+    adapter another process harvests mid-run is never retrieved (it leaked in once: README)."""
+    from evaluation.compare import _SplitContext
+    from evaluation.protocols import custom_split
+
+    reg.add_directory(tiny_adapter_factory("a"), name="add_sub", kind="harvested", task="add_sub")
+    context = _SplitContext(custom_split(["add_sub", "chain_sum"], ["chain_sum"]), "tiny", {"add_sub": "add_sub@1"})
+    assert context.outside_pool(reg) == []
+    reg.add_directory(tiny_adapter_factory("b", seed=1), name="plus_words", kind="harvested", task="plus_words")
+    assert context.outside_pool(reg) == ["plus_words"]
+
+
 def test_held_out_candidates_come_from_stored_evaluations(reg, tiny_base_dir, tiny_adapter_factory):
     """With stored base and final-adapter evaluations, only tasks whose harvest gains min_gain may be held out;
     a task never evaluated counts as not learnable; a bench with no evaluation at all may hold out any task."""
