@@ -170,7 +170,7 @@ def gated(reg, info, prompts: Sequence[str], state_dict: dict, peft_config: dict
     start = time.perf_counter()
     fallback = reg.load_weights(info.meta["under"])
     keep, entropies = entropy_gate(info.meta.get("base_model"), prompts, fallback, (state_dict, peft_config),
-                                   str(device or "cpu"))
+                                   device)
     timings["gate"] = {"signal": "first-token entropy", "under": entropies["fallback"],
                        "generated": entropies["candidate"], "kept": "generated" if keep else "under"}
     timings["gate_s"] = time.perf_counter() - start

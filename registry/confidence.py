@@ -97,6 +97,7 @@ def next_token_entropy(model, tokenizer, prompts: Sequence[str], batch_size: int
 def _gate_model(base_model: str | None, device):
     from registry import base_models
 
+    device = device or base_models.default_device()
     key = (str(base_models.resolve_base_dir(base_model)), str(device))
     if key not in _MODELS:
         _MODELS[key] = base_models.load_base(base_model, device=str(device), cached=False)
@@ -104,9 +105,9 @@ def _gate_model(base_model: str | None, device):
 
 
 def mean_entropies(base_model: str | None, prompts: Sequence[str], adapters: Sequence[tuple[Mapping, Mapping]],
-                   device="cpu", limit: int = GATE_PROMPTS) -> list[float]:
+                   device=None, limit: int = GATE_PROMPTS) -> list[float]:
     """Mean first-answer-token entropy over (the first ``limit`` of) ``prompts`` for each
-    ``(state_dict, peft_config)`` in ``adapters`` on ``base_model``."""
+    ``(state_dict, peft_config)`` in ``adapters`` on ``base_model`` (``device`` None: CUDA when present)."""
     prompts = list(prompts)[:limit]
     with _LOCK:
         model, tokenizer = _gate_model(base_model, device)
@@ -118,7 +119,7 @@ def mean_entropies(base_model: str | None, prompts: Sequence[str], adapters: Seq
 
 
 def entropy_gate(base_model: str | None, prompts: Sequence[str], fallback: tuple[Mapping, Mapping],
-                 candidate: tuple[Mapping, Mapping], device="cpu") -> tuple[bool, dict]:
+                 candidate: tuple[Mapping, Mapping], device=None) -> tuple[bool, dict]:
     """Keep ``candidate`` only if it answers ``prompts`` with a lower mean first-token entropy than
     ``fallback`` (ties keep the fallback). Returns ``(keep, {"fallback": H0, "candidate": H1})``."""
     fallback_h, candidate_h = mean_entropies(base_model, prompts, [fallback, candidate], device)

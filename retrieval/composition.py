@@ -100,26 +100,26 @@ def compose_from_hits(reg: "Registry", hits: Sequence["SearchHit"], strategy: st
                           svd_rank=svd_rank, seed=seed, **strategy_kwargs)
 
 
-def add_adapters(reg: "Registry", state_dict: dict, peft_config: dict, added: Sequence[str]
+def add_adapters(reg: "Registry", state_dict: dict, peft_config: dict, added: Sequence["str | LoraAdapter"]
                  ) -> tuple[dict, dict, list[tuple[str, float]]]:
     """A composed adapter plus the ``added`` adapters at full weight: ``ΔW = ΔW_composed + Σ ΔW_added``,
     their factors stacked along the rank (``cat``, weights 1). This puts a generic adapter (the
     multitask LoRA) under a retrieved one: on the paraphrase split the selected adapter plus the
-    multitask LoRA beat both alone (README). Returns ``(state_dict, peft_config, added parents)``."""
+    multitask LoRA beat both alone (README). ``added``: REFs, or adapters already loaded
+    (:func:`load_lora`). Returns ``(state_dict, peft_config, added parents)``."""
     from retrieval.compose import compose_adapters, peft_config_dict
 
     composed = lora_with_config(state_dict, peft_config, "composed", peft_config.get("base_model_name_or_path"))
-    extras = [load_lora(reg, ref) for ref in added]
+    extras = [load_lora(reg, ref) if isinstance(ref, str) else ref for ref in added]
     summed = compose_adapters([composed, *extras], [1.0] * (1 + len(extras)), "cat")
     return dict(summed.state_dict), _json_safe(peft_config_dict(summed)), [(a.name, 1.0) for a in extras]
 
 
-def added_alone(reg: "Registry", added: Sequence[str]) -> tuple[dict, dict]:
-    """The ``added`` adapters summed (ranks stacked, weights 1): what a gated composition falls back to."""
+def added_alone(loras: Sequence["LoraAdapter"]) -> tuple[dict, dict]:
+    """The added adapters summed (ranks stacked, weights 1): what a gated composition falls back to."""
     from retrieval.compose import compose_adapters, peft_config_dict
 
-    loras = [load_lora(reg, ref) for ref in added]
-    summed = loras[0] if len(loras) == 1 else compose_adapters(loras, [1.0] * len(loras), "cat")
+    summed = loras[0] if len(loras) == 1 else compose_adapters(list(loras), [1.0] * len(loras), "cat")
     return dict(summed.state_dict), _json_safe(peft_config_dict(summed))
 
 
@@ -140,8 +140,7 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
                     kind: str | Sequence[str] | None = None, one_per_task: bool = False,
                     match: str | None = None, density: float | None = None, svd_rank: int | None = None,
                     seed: int | None = None, tags: Iterable[str] = (), precision: str | None = None,
-                    add: Sequence[str] = (), gate: bool = False, device: str = "cpu",
-                    **strategy_kwargs) -> "AdapterInfo":
+                    add: Sequence[str] = (), gate: bool = False, **strategy_kwargs) -> "AdapterInfo":
     """Retrieve the k adapters nearest to ``prompts``, compose them and store a ``composed`` adapter.
 
     The new version records lineage (parents with their weights) and a recipe: ``strategy``, ``k``,
@@ -184,15 +183,15 @@ def compose_adapter(reg: "Registry", prompts: str | Sequence[str], k: int = 3, s
                                                          **strategy_kwargs)
     gate_record = None
     if added:
-        fallback = added_alone(reg, added) if gate else None
-        state_dict, peft_config, added_parents = add_adapters(reg, state_dict, peft_config, added)
+        extras = [load_lora(reg, ref) for ref in added]  # read once: summed on, and the gate's fallback
+        fallback = added_alone(extras) if gate else None
+        state_dict, peft_config, added_parents = add_adapters(reg, state_dict, peft_config, extras)
         parents = [*parents, *added_parents]
         if gate:
             from registry.confidence import entropy_gate
 
             gate_start = time.perf_counter()
-            keep, entropies = entropy_gate(hits[0].adapter.base_model, texts, fallback, (state_dict, peft_config),
-                                           device)
+            keep, entropies = entropy_gate(hits[0].adapter.base_model, texts, fallback, (state_dict, peft_config))
             gate_record = {"signal": "first-token entropy", **entropies, "kept": "composition" if keep else "added",
                            "seconds": round(time.perf_counter() - gate_start, 4)}
             if not keep:
